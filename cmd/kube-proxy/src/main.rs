@@ -1,0 +1,2 @@
+//! `kube-proxy`: upstream's flags and config, our backends.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Map layouts shared by `ebpf/programs` and `pkg/ebpf`.
+#![no_std]

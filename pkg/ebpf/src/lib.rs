@@ -1,0 +1,1 @@
+//! eBPF backend (socket-level load balancing and north-south tc programs). Not built yet.

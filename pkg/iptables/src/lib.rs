@@ -1,0 +1,1 @@
+//! iptables backend, faithful to upstream kube-proxy. Not built yet.

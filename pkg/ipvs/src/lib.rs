@@ -1,0 +1,1 @@
+//! IPVS backend over generic netlink. Not built yet.

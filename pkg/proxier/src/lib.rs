@@ -1,0 +1,11 @@
+//! The kube-proxy control plane shared by every backend.
+//!
+//! Data flows one way: [`watch`] feeds Kubernetes objects into the [`tracker::ChangeTracker`], which
+//! parses them once into the [`model`], selects endpoints ([`selection`]) and hands a
+//! [`model::Snapshot`] plus the [`model::Changes`] since the last sync to the [`runner::SyncRunner`],
+//! which calls a [`backend::Backend`]. Backends never see Kubernetes objects.
+
+pub mod backend;
+pub mod model;
+pub mod parse;
+pub mod selection;
