@@ -8,4 +8,8 @@
 pub mod backend;
 pub mod model;
 pub mod parse;
+pub mod record;
+pub mod runner;
 pub mod selection;
+pub mod tracker;
+pub mod watch;
