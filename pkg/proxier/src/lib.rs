@@ -6,6 +6,8 @@
 //! which calls a [`backend::Backend`]. Backends never see Kubernetes objects.
 
 pub mod backend;
+pub mod healthcheck;
+pub mod metrics;
 pub mod model;
 pub mod parse;
 pub mod record;

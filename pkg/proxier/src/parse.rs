@@ -147,7 +147,9 @@ pub fn parse_service(svc: &Service) -> Result<ParsedService, ParseError> {
     };
     let external_ips = ips("spec.externalIPs", spec.external_ips.as_deref().unwrap_or_default())?;
     let mut lb_vips = Vec::new();
-    for (i, ing) in svc.status.iter().filter_map(|s| s.load_balancer.as_ref()).flat_map(|l| l.ingress.iter().flatten()).enumerate() {
+    for (i, ing) in
+        svc.status.iter().filter_map(|s| s.load_balancer.as_ref()).flat_map(|l| l.ingress.iter().flatten()).enumerate()
+    {
         let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) else { continue };
         let ip = cx.ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
         // ipMode Proxy: the load balancer delivers to the node itself, so the VIP is not ours to serve.
@@ -311,12 +313,8 @@ pub fn parse_endpoint_slice(slice: &EndpointSlice, node_name: &str) -> Result<Pa
         });
     }
 
-    let trigger_time = slice
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-        .and_then(|s| parse_rfc3339(s));
+    let trigger_time =
+        slice.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)).and_then(|s| parse_rfc3339(s));
     Ok(ParsedSlice { service: NamespacedName::new(ns, svc_name.as_str()), family, ports, endpoints, trigger_time })
 }
 

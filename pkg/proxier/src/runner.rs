@@ -20,7 +20,14 @@ pub trait SyncObserver: Send + Sync {
     /// The runner is about to wait for the first sync (upstream's `SyncLoop` start).
     fn sync_loop_started(&self, _families: &[IpFamily]) {}
     /// A sync succeeded.
-    fn synced(&self, _families: &[IpFamily], _elapsed: Duration, _report: &SyncReport, _snapshot: &Snapshot, _changes: &Changes) {
+    fn synced(
+        &self,
+        _families: &[IpFamily],
+        _elapsed: Duration,
+        _report: &SyncReport,
+        _snapshot: &Snapshot,
+        _changes: &Changes,
+    ) {
     }
     /// A sync failed; the next one is full.
     fn sync_failed(&self, _families: &[IpFamily], _elapsed: Duration, _error: &BackendError) {}

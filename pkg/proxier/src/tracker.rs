@@ -43,6 +43,8 @@ pub struct NoopObserver;
 impl TrackerObserver for NoopObserver {}
 
 type SpnEndpoints = HashMap<ServicePortName, Arc<Vec<Endpoint>>>;
+/// A Service port's new state, `None` when the port is gone.
+pub type PortUpdate = Option<(Arc<ServicePortInfo>, Arc<Vec<Endpoint>>)>;
 
 #[derive(Default)]
 struct State {
@@ -78,7 +80,7 @@ pub struct ChangeTracker {
 #[derive(Debug, Default)]
 pub struct Checkout {
     /// Per family: changed Service ports and their new state (`None` when the port is gone).
-    pub updates: [BTreeMap<ServicePortName, Option<(Arc<ServicePortInfo>, Arc<Vec<Endpoint>>)>>; 2],
+    pub updates: [BTreeMap<ServicePortName, PortUpdate>; 2],
     /// Services whose health-check bookkeeping must be recomputed, per family.
     pub touched_services: [BTreeSet<NamespacedName>; 2],
     /// A UDP port's endpoints or frontends changed, per family.
@@ -369,12 +371,12 @@ impl ChangeTracker {
                     out.trigger_times[idx(s.family)].push(t);
                 }
             }
-            if let Some(o) = &old {
-                if let Some(set) = st.slices_by_service.get_mut(&o.service) {
-                    set.remove(&key);
-                    if set.is_empty() {
-                        st.slices_by_service.remove(&o.service);
-                    }
+            if let Some(o) = &old
+                && let Some(set) = st.slices_by_service.get_mut(&o.service)
+            {
+                set.remove(&key);
+                if set.is_empty() {
+                    st.slices_by_service.remove(&o.service);
                 }
             }
             if let Some(n) = &new {
@@ -470,11 +472,7 @@ fn merge_endpoints(st: &State, svc: &NamespacedName, f: IpFamily) -> BTreeMap<Se
             continue;
         }
         for p in &slice.ports {
-            let spn = ServicePortName {
-                service: svc.clone(),
-                port: p.name.clone(),
-                protocol: p.protocol,
-            };
+            let spn = ServicePortName { service: svc.clone(), port: p.name.clone(), protocol: p.protocol };
             let entry = by_port.entry(spn).or_default();
             for ep in &slice.endpoints {
                 let ep = Endpoint { port: p.port, ..ep.clone() };
@@ -503,26 +501,17 @@ pub fn node_info(node: &Node, node_name: &str) -> NodeInfo {
     let mut addresses = Vec::new();
     for kind in ["InternalIP", "ExternalIP"] {
         for a in node.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
-            if a.type_ == kind {
-                if let Ok(ip) = a.address.parse::<IpAddr>() {
-                    if !addresses.contains(&ip) {
-                        addresses.push(ip);
-                    }
-                }
+            if a.type_ == kind
+                && let Ok(ip) = a.address.parse::<IpAddr>()
+                && !addresses.contains(&ip)
+            {
+                addresses.push(ip);
             }
         }
     }
-    let pod_cidrs = node
-        .spec
-        .iter()
-        .flat_map(|s| s.pod_cidrs.iter().flatten())
-        .filter_map(|c| c.parse().ok())
-        .collect();
-    let tainted = node
-        .spec
-        .iter()
-        .flat_map(|s| s.taints.iter().flatten())
-        .any(|t| t.key == TAINT_TO_BE_DELETED);
+    let pod_cidrs =
+        node.spec.iter().flat_map(|s| s.pod_cidrs.iter().flatten()).filter_map(|c| c.parse().ok()).collect();
+    let tainted = node.spec.iter().flat_map(|s| s.taints.iter().flatten()).any(|t| t.key == TAINT_TO_BE_DELETED);
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_else(|| node_name.to_string()),
         zone,

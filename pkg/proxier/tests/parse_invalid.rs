@@ -20,19 +20,59 @@ fn malformed_services_are_rejected_with_the_field_named() {
         ("port 0", json!({"spec": {"ports": [{"name": "a", "port": 0}]}}), "spec.ports[0].port"),
         ("port 70000", json!({"spec": {"ports": [{"name": "a", "port": 70000}]}}), "spec.ports[0].port"),
         ("negative port", json!({"spec": {"ports": [{"name": "a", "port": -5}]}}), "spec.ports[0].port"),
-        ("unknown protocol", json!({"spec": {"ports": [{"name": "a", "port": 80, "protocol": "ICMP"}]}}), "spec.ports[0].protocol"),
-        ("lower-case protocol", json!({"spec": {"ports": [{"name": "a", "port": 80, "protocol": "tcp"}]}}), "spec.ports[0].protocol"),
-        ("duplicate port", json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}}), "spec.ports[1].port"),
-        ("duplicate port name", json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}}), "spec.ports[1].name"),
-        ("unnamed port in a multi-port service", json!({"spec": {"ports": [{"name": "a", "port": 80}, {"port": 81}]}}), "spec.ports[1].name"),
+        (
+            "unknown protocol",
+            json!({"spec": {"ports": [{"name": "a", "port": 80, "protocol": "ICMP"}]}}),
+            "spec.ports[0].protocol",
+        ),
+        (
+            "lower-case protocol",
+            json!({"spec": {"ports": [{"name": "a", "port": 80, "protocol": "tcp"}]}}),
+            "spec.ports[0].protocol",
+        ),
+        (
+            "duplicate port",
+            json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}}),
+            "spec.ports[1].port",
+        ),
+        (
+            "duplicate port name",
+            json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}}),
+            "spec.ports[1].name",
+        ),
+        (
+            "unnamed port in a multi-port service",
+            json!({"spec": {"ports": [{"name": "a", "port": 80}, {"port": 81}]}}),
+            "spec.ports[1].name",
+        ),
         ("no ports", json!({"spec": {"ports": []}}), "spec.ports"),
         ("missing ports", json!({"spec": {"ports": null}}), "spec.ports"),
-        ("nodePort out of range", json!({"spec": {"type": "NodePort", "ports": [{"name": "a", "port": 80, "nodePort": 70000}]}}), "spec.ports[0].nodePort"),
+        (
+            "nodePort out of range",
+            json!({"spec": {"type": "NodePort", "ports": [{"name": "a", "port": 80, "nodePort": 70000}]}}),
+            "spec.ports[0].nodePort",
+        ),
         ("bad external IP", json!({"spec": {"externalIPs": ["198.18.0.1", "x.y"]}}), "spec.externalIPs[1]"),
-        ("bad source range", json!({"spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["198.18.0.0/33"]}}), "spec.loadBalancerSourceRanges[0]"),
-        ("bad LB ingress IP", json!({"status": {"loadBalancer": {"ingress": [{"ip": "1.2.3"}]}}}), "status.loadBalancer.ingress[0].ip"),
-        ("affinity timeout 0", json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}}), "timeoutSeconds"),
-        ("affinity timeout too long", json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}}}), "timeoutSeconds"),
+        (
+            "bad source range",
+            json!({"spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["198.18.0.0/33"]}}),
+            "spec.loadBalancerSourceRanges[0]",
+        ),
+        (
+            "bad LB ingress IP",
+            json!({"status": {"loadBalancer": {"ingress": [{"ip": "1.2.3"}]}}}),
+            "status.loadBalancer.ingress[0].ip",
+        ),
+        (
+            "affinity timeout 0",
+            json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}}),
+            "timeoutSeconds",
+        ),
+        (
+            "affinity timeout too long",
+            json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}}}),
+            "timeoutSeconds",
+        ),
         ("unknown affinity", json!({"spec": {"sessionAffinity": "Cookie"}}), "spec.sessionAffinity"),
         ("unknown type", json!({"spec": {"type": "Magic"}}), "spec.type"),
     ];
@@ -62,12 +102,27 @@ fn malformed_endpoint_slices_are_rejected_with_the_field_named() {
     let cases = [
         ("FQDN address type", ok.clone(), json!({"addressType": "FQDN"}), "addressType"),
         ("bad endpoint IP", json!([endpoint("198.18.1.999", "n", true)]), json!({}), "endpoints[0].addresses[0]"),
-        ("IPv6 address in an IPv4 slice", json!([endpoint("2001:db8::1", "n", true)]), json!({}), "endpoints[0].addresses[0]"),
+        (
+            "IPv6 address in an IPv4 slice",
+            json!([endpoint("2001:db8::1", "n", true)]),
+            json!({}),
+            "endpoints[0].addresses[0]",
+        ),
         ("no address", json!([{"addresses": []}]), json!({}), "endpoints[0].addresses[0]"),
         ("port out of range", ok.clone(), json!({"ports": [{"name": "http", "port": 65536}]}), "ports[0].port"),
         ("missing port number", ok.clone(), json!({"ports": [{"name": "http"}]}), "ports[0].port"),
-        ("unknown protocol", ok.clone(), json!({"ports": [{"name": "http", "port": 80, "protocol": "XTP"}]}), "ports[0].protocol"),
-        ("duplicate port", ok.clone(), json!({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}), "ports[1].name"),
+        (
+            "unknown protocol",
+            ok.clone(),
+            json!({"ports": [{"name": "http", "port": 80, "protocol": "XTP"}]}),
+            "ports[0].protocol",
+        ),
+        (
+            "duplicate port",
+            ok.clone(),
+            json!({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}),
+            "ports[1].name",
+        ),
         ("no service label", ok.clone(), json!({"metadata": {"labels": null}}), "kubernetes.io/service-name"),
     ];
     for (name, eps, patch, field) in cases {
@@ -91,7 +146,13 @@ fn a_malformed_service_is_logged_once_skipped_and_does_not_disturb_others() {
     let observer = Arc::new(CountInvalid::default());
     let tracker = ChangeTracker::new("node-a", true, observer.clone());
     tracker.on_service(&service("ns", "good", "198.19.0.10", json!({})));
-    tracker.on_endpoint_slice(&slice("ns", "good", "good-1", json!([endpoint("198.18.1.1", "node-a", true)]), json!({})));
+    tracker.on_endpoint_slice(&slice(
+        "ns",
+        "good",
+        "good-1",
+        json!([endpoint("198.18.1.1", "node-a", true)]),
+        json!({}),
+    ));
     let bad = service("ns", "bad", "198.19.0.11", json!({"spec": {"ports": [{"name": "a", "port": 99999}]}}));
     // The same bad object seen three times (informer resyncs) is logged and counted once.
     for _ in 0..3 {
