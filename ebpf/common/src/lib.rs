@@ -1,2 +1,282 @@
-//! Map layouts shared by `ebpf/programs` and `pkg/ebpf`.
+//! Map layouts shared by `ebpf/programs` (kernel side) and `pkg/ebpf` (userspace).
+//!
+//! This crate is the only definition of every key and value the socket load balancer keeps in BPF maps.
+//! Every type is `#[repr(C)]` with explicit `_pad` fields (so no byte of a key is uninitialised, which
+//! would make hash lookups miss) and a `const` size assertion. Changing any layout requires bumping
+//! [`LAYOUT_VERSION`]: pinned maps are reused by path without checking their shape.
+//!
+//! Addresses are one 16-byte form for both families (`[u32; 4]` holding the raw network-order bytes, as
+//! the kernel's `bpf_sock_addr.user_ip6`); IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`). One
+//! map therefore serves both families, and a `connect()` on an IPv6 socket to `::ffff:VIP` finds the
+//! IPv4 service without a second lookup.
 #![no_std]
+
+/// Version of the map layouts; part of the pin path (`<bpffs_root>/v1/…`).
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// Map names as they appear in the object file and under `<bpffs_root>/<LAYOUT_VERSION>/maps/`.
+pub mod map_names {
+    /// Services: [`super::ServiceKey`] → [`super::ServiceValue`] (master entries and backend slots).
+    pub const SERVICES: &str = "KP_SERVICES";
+    /// Backends: backend id (`u32`) → [`super::BackendValue`].
+    pub const BACKENDS: &str = "KP_BACKENDS";
+    /// Reverse NAT by service id: service id (`u32`) → [`super::RevNatValue`] (the service's ClusterIP).
+    pub const REV_NAT: &str = "KP_REV_NAT";
+    /// Socket reverse NAT (LRU): [`super::SockRevNatKey`] → [`super::SockRevNatValue`].
+    pub const SOCK_REV_NAT: &str = "KP_SOCK_REVNAT";
+    /// Session affinity (LRU): [`super::AffinityKey`] → [`super::AffinityValue`].
+    pub const AFFINITY: &str = "KP_AFFINITY";
+    /// Per-CPU counters indexed by service id: [`super::ServiceCounters`].
+    pub const COUNTERS: &str = "KP_COUNTERS";
+
+    /// Every map, in the order userspace pins them.
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, AFFINITY, COUNTERS];
+}
+
+/// Program (function) names in the object file, with the attach hook each implements.
+pub mod program_names {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "kp_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "kp_connect6";
+    /// `cgroup/sendmsg4`.
+    pub const SENDMSG4: &str = "kp_sendmsg4";
+    /// `cgroup/sendmsg6`.
+    pub const SENDMSG6: &str = "kp_sendmsg6";
+    /// `cgroup/recvmsg4`.
+    pub const RECVMSG4: &str = "kp_recvmsg4";
+    /// `cgroup/recvmsg6`.
+    pub const RECVMSG6: &str = "kp_recvmsg6";
+    /// `cgroup/getpeername4`.
+    pub const GETPEERNAME4: &str = "kp_getpeername4";
+    /// `cgroup/getpeername6`.
+    pub const GETPEERNAME6: &str = "kp_getpeername6";
+
+    /// Every program.
+    pub const ALL: [&str; 8] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+}
+
+/// Maximum entries of [`map_names::SERVICES`] (frontends × (backends + 1) × scopes).
+pub const SERVICES_MAX_ENTRIES: u32 = 65536;
+/// Maximum entries of [`map_names::BACKENDS`].
+pub const BACKENDS_MAX_ENTRIES: u32 = 65536;
+/// Maximum entries of [`map_names::REV_NAT`]; also the size of the counters array, so service ids are
+/// `1..MAX_SERVICE_ID` inclusive.
+pub const REV_NAT_MAX_ENTRIES: u32 = 65536;
+/// Largest service id userspace allocates (0 is never used: it means "no service").
+pub const MAX_SERVICE_ID: u32 = REV_NAT_MAX_ENTRIES - 1;
+/// Maximum entries of [`map_names::SOCK_REV_NAT`] (Cilium's default is 256k).
+pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262144;
+/// Maximum entries of [`map_names::AFFINITY`].
+pub const AFFINITY_MAX_ENTRIES: u32 = 65536;
+
+/// Scope of a service entry: the cluster-wide set of backends (also the lookup point of every frontend).
+pub const SCOPE_EXT: u8 = 0;
+/// Scope of a service entry: the node-local set, used when the master at [`SCOPE_EXT`] has
+/// [`SVC_FLAG_LOCAL_SCOPE`].
+pub const SCOPE_INT: u8 = 1;
+
+/// Master flag: the frontend's traffic policy is Local, so use the [`SCOPE_INT`] entries.
+pub const SVC_FLAG_LOCAL_SCOPE: u8 = 1 << 0;
+/// Master flag: `sessionAffinity: ClientIP`; `affinity_timeout` holds the timeout in seconds.
+pub const SVC_FLAG_AFFINITY: u8 = 1 << 1;
+/// Master flag: the frontend is a ClusterIP.
+pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 2;
+/// Master flag: the frontend is a NodePort on a node address.
+pub const SVC_FLAG_NODE_PORT: u8 = 1 << 3;
+/// Master flag: the frontend is an external IP.
+pub const SVC_FLAG_EXTERNAL_IP: u8 = 1 << 4;
+/// Master flag: the frontend is a LoadBalancer ingress IP.
+pub const SVC_FLAG_LOAD_BALANCER: u8 = 1 << 5;
+
+/// IANA protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+/// IANA protocol number of SCTP.
+pub const PROTO_SCTP: u8 = 132;
+
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`0000:ffff`) in network byte order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// A 16-byte address in the raw network-order form of `bpf_sock_addr.user_ip6`.
+pub type Addr = [u32; 4];
+
+/// The 16-byte form of an IPv4 address given as `bpf_sock_addr.user_ip4` (network order).
+#[inline(always)]
+pub const fn addr_from_v4(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// The IPv4 address (network order) of an IPv4-mapped 16-byte address, `None` for a real IPv6 address.
+#[inline(always)]
+pub const fn addr_to_v4(addr: &Addr) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD { Some(addr[3]) } else { None }
+}
+
+/// Key of [`map_names::SERVICES`]. Slot 0 is the master entry of a frontend; slots `1..=count` name
+/// its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Frontend address (16-byte form).
+    pub addr: Addr,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// 0 = master entry, `1..=count` = backend slot.
+    pub backend_slot: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// [`SCOPE_EXT`] or [`SCOPE_INT`].
+    pub scope: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Slot entries: the backend id. Master entries: 0.
+    pub backend_id: u32,
+    /// Master entries: session-affinity timeout in seconds (with [`SVC_FLAG_AFFINITY`]).
+    pub affinity_timeout: u32,
+    /// Service id (the reverse-NAT index); the same in the master and every slot.
+    pub service_id: u32,
+    /// Master entries: number of backends (slots `1..=count`); 0 means "reject: no endpoints".
+    pub count: u16,
+    /// Master entries: `SVC_FLAG_*` bits.
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+
+/// Value of [`map_names::BACKENDS`] (key: backend id, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    /// Backend address (16-byte form).
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// Reserved for backend state (terminating, …); zero for now.
+    pub flags: u8,
+    /// The service this backend belongs to: backend ids are per service, so an affinity entry can be
+    /// checked against the service it was made for.
+    pub service_id: u32,
+}
+
+/// Value of [`map_names::REV_NAT`] (key: service id, `u32`): the service's ClusterIP frontend, used to
+/// rebuild the service-id allocation after a restart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    /// ClusterIP (16-byte form).
+    pub addr: Addr,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+
+/// Key of [`map_names::SOCK_REV_NAT`]: one socket talking to one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address (16-byte form).
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`map_names::SOCK_REV_NAT`]: what the application dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// Service address the application used (16-byte form).
+    pub addr: Addr,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Service id, for diagnostics.
+    pub service_id: u32,
+}
+
+/// Key of [`map_names::AFFINITY`]: one client (network namespace) and one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// `bpf_get_netns_cookie()` of the client socket: socket LB identifies a pod by its netns.
+    pub client_cookie: u64,
+    /// Service id.
+    pub service_id: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Value of [`map_names::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` of the last connection that used this entry.
+    pub last_used_ns: u64,
+    /// Backend id chosen for the client.
+    pub backend_id: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Value of [`map_names::COUNTERS`] (per-CPU array indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceCounters {
+    /// Connections (and unconnected datagrams) translated to a backend.
+    pub translated: u64,
+    /// Connections and datagrams rejected with `ECONNREFUSED` because the service has no endpoints.
+    pub no_endpoints: u64,
+}
+
+// Layout guards: a size change here must come with a LAYOUT_VERSION bump.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
+const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers, with all padding explicit, so any
+    // bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevNatValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceCounters {}
+}

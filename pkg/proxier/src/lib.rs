@@ -9,6 +9,7 @@ pub mod backend;
 pub mod healthcheck;
 pub mod metrics;
 pub mod model;
+pub mod observe;
 pub mod parse;
 pub mod record;
 pub mod runner;

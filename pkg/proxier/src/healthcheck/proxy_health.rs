@@ -186,6 +186,7 @@ struct State {
     last_updated: BTreeMap<IpFamily, SystemTime>,
     oldest_pending_queued: BTreeMap<IpFamily, SystemTime>,
     node_eligible: bool,
+    initial_sync_required: bool,
 }
 
 /// The proxier health state (upstream's `ProxyHealthServer` minus the HTTP part; see [`serve_proxy_health`]).
@@ -259,6 +260,12 @@ impl ProxyHealth {
         }
     }
 
+    /// Ours, not upstream's: report unhealthy until the first successful sync, so a load balancer never
+    /// sends traffic to a node whose datapath is not programmed yet. Replaces [`sync_loop_started`](Self::sync_loop_started).
+    pub fn require_initial_sync(&self) {
+        self.write().initial_sync_required = true;
+    }
+
     /// Records the Node object: `None` when it is not known (not yet seen, or deleted).
     pub fn set_node(&self, node: Option<NodeState>) {
         let eligible = node.is_some_and(|n| !n.deletion_timestamp && !n.to_be_deleted_taint);
@@ -280,7 +287,7 @@ impl ProxyHealth {
         let st = self.read();
         let current_time = self.clock.now();
         let mut status = BTreeMap::new();
-        let mut healthy = true;
+        let mut healthy = !(st.initial_sync_required && st.last_updated.is_empty());
         for (&family, &last) in &st.last_updated {
             // A family without a pending change is starting up or fully synced.
             // A clock that went backwards makes the wait negative, which is never late.

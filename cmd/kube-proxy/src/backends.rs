@@ -1,0 +1,90 @@
+//! Chooses the datapath backend for `--proxy-mode` and runs `--cleanup`.
+
+use std::path::Path;
+
+use proxier::backend::Backend;
+use proxier::model::IpFamily;
+use proxier::record::RecordingBackend;
+
+use crate::config::ProxyMode;
+use crate::options::ProxyRunConfig;
+
+/// Test-only: `record:<path>` replaces the datapath with a backend that programs nothing and appends each
+/// sync's changes to `<path>`, so end-to-end tests can run the real binary without touching the node.
+pub const TEST_BACKEND_ENV: &str = "KUBE_PROXY_RS_TEST_BACKEND";
+
+/// Why no backend could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendInitError {
+    /// The mode exists upstream but its backend is not part of this build yet.
+    #[error("proxy mode {0:?} is not built yet in kube-proxy-rs; use --proxy-mode=ebpf")]
+    NotBuilt(&'static str),
+    /// The test backend variable is malformed.
+    #[error("{TEST_BACKEND_ENV}={0:?}: expected record:<path>")]
+    BadTestBackend(String),
+    /// The backend failed to start.
+    #[error(transparent)]
+    Backend(#[from] proxier::backend::BackendError),
+    /// The backend's environment (cgroup, bpffs, kernel programs) could not be set up.
+    #[error("setting up the datapath: {0:#}")]
+    Setup(anyhow::Error),
+}
+
+/// The mode name `/proxyMode` reports.
+pub fn mode_name(mode: ProxyMode) -> &'static str {
+    match mode {
+        ProxyMode::Ebpf => "ebpf",
+        ProxyMode::Iptables => "iptables",
+        ProxyMode::Ipvs => "ipvs",
+        ProxyMode::Nftables => "nftables",
+    }
+}
+
+/// Whether the test backend replaces the datapath.
+pub fn test_backend_requested() -> bool {
+    std::env::var_os(TEST_BACKEND_ENV).is_some()
+}
+
+/// Builds the backend for the configured mode.
+pub fn build(run: &ProxyRunConfig) -> Result<Box<dyn Backend>, BackendInitError> {
+    if let Some(spec) = std::env::var_os(TEST_BACKEND_ENV) {
+        let spec = spec.to_string_lossy().into_owned();
+        let path = spec.strip_prefix("record:").ok_or_else(|| BackendInitError::BadTestBackend(spec.clone()))?;
+        tracing::warn!(path, "Test backend: recording syncs instead of programming a datapath");
+        return Ok(Box::new(RecordingBackend::new(Path::new(path))?));
+    }
+    match run.mode {
+        ProxyMode::Ebpf => {
+            // Migration: leftovers of upstream's (or our) iptables/ipvs/nftables modes would translate
+            // packets a second time; remove them before our programs take over.
+            let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
+            if let Err(e) = proxy_iptables::cleanup_for_mode(&ipt, proxy_iptables::ProxyMode::Ebpf) {
+                tracing::warn!(error = %e, "Cleaning up other proxy modes' rules failed; continuing");
+            }
+            let cgroup_root = crate::app::cgroup_root(run.cgroup_root.as_ref()).map_err(BackendInitError::Setup)?;
+            let opts = proxy_ebpf::EbpfOptions::new(cgroup_root, &run.bpffs_root, IpFamily::ALL.to_vec());
+            let backend = proxy_ebpf::EbpfBackend::new(opts).map_err(|e| BackendInitError::Setup(e.into()))?;
+            Ok(Box::new(backend))
+        }
+        other => Err(BackendInitError::NotBuilt(mode_name(other))),
+    }
+}
+
+/// `--cleanup`: removes what any of our backends, and upstream's modes, may have left on this node
+/// (iptables chains of both families, nftables tables, IPVS ipsets and `kube-ipvs0`).
+pub fn cleanup(run: &ProxyRunConfig) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
+    match proxy_iptables::cleanup_leftovers(&ipt) {
+        Ok(report) => tracing::info!(?report, "Cleaned up iptables, nftables and IPVS leftovers"),
+        Err(e) => failed.push(format!("iptables/nftables/ipvs: {e}")),
+    }
+    match crate::app::cgroup_root(run.cgroup_root.as_ref()) {
+        Ok(cg) => match proxy_ebpf::EbpfBackend::cleanup_all(&run.bpffs_root, &cg) {
+            Ok(()) => tracing::info!(pins = %run.bpffs_root.display(), "Removed eBPF programs and pinned maps"),
+            Err(e) => failed.push(format!("ebpf: {e}")),
+        },
+        Err(e) => failed.push(format!("ebpf: {e:#}")),
+    }
+    if failed.is_empty() { Ok(()) } else { anyhow::bail!("cleanup failed: {}", failed.join("; ")) }
+}

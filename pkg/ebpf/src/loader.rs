@@ -1,0 +1,314 @@
+//! Loading, pinning, attaching and adopting the kernel programs; the `Backend` impl.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use ebpf_common::{LAYOUT_VERSION, map_names, program_names};
+use proxier::backend::{Backend, BackendError, SyncReport};
+use proxier::model::{Changes, IpFamily, ServicePortName, Snapshot};
+use tracing::{info, warn};
+
+use crate::EbpfError;
+use crate::maps::AyaMaps;
+use crate::sys;
+use crate::writer::{MapWriter, ServiceCounterSample};
+
+/// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kube-proxy-sock"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BACKEND_NAME: &str = "ebpf";
+
+/// What to do with programs already attached through pinned links (a restarted proxy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProgramUpdate {
+    /// Swap the new programs into the existing links (`BPF_LINK_UPDATE`): atomic, no window.
+    #[default]
+    Replace,
+    /// Leave the running programs in place (e.g. when only the control plane was restarted).
+    Keep,
+}
+
+/// Options of [`EbpfBackend::new`].
+#[derive(Debug, Clone)]
+pub struct EbpfOptions {
+    /// The cgroup v2 directory the socket programs attach to (every process below it is load balanced).
+    pub cgroup_root: PathBuf,
+    /// The directory on bpffs that holds this proxy's pins; the layout version is appended to it.
+    pub bpffs_root: PathBuf,
+    /// The families this node programs.
+    pub families: Vec<IpFamily>,
+    /// What to do with programs of a previous run that are still attached.
+    pub program_update: ProgramUpdate,
+}
+
+impl EbpfOptions {
+    /// Options with the given paths and families, replacing programs of a previous run.
+    pub fn new(cgroup_root: impl Into<PathBuf>, bpffs_root: impl Into<PathBuf>, families: Vec<IpFamily>) -> Self {
+        EbpfOptions {
+            cgroup_root: cgroup_root.into(),
+            bpffs_root: bpffs_root.into(),
+            families,
+            program_update: ProgramUpdate::Replace,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
+    let what = what.into();
+    move |source| EbpfError::Io { what, source }
+}
+
+fn statfs_type(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast, reason = "f_type's integer type differs between libc targets")]
+    Ok(st.f_type as i64)
+}
+
+/// Whether `path` (or, if it does not exist yet, its nearest existing ancestor) is on a bpffs.
+pub fn bpffs_mounted(path: &Path) -> bool {
+    let mut p = Some(path);
+    // Bounded by the path depth.
+    while let Some(cur) = p {
+        if cur.exists() {
+            return statfs_type(cur).map(|t| t == BPF_FS_MAGIC).unwrap_or(false);
+        }
+        p = cur.parent();
+    }
+    false
+}
+
+/// The mount point of the cgroup v2 filesystem, read from `/proc/self/mountinfo`.
+pub fn detect_cgroup2_mount() -> Result<PathBuf, EbpfError> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading /proc/self/mountinfo"))?;
+    for line in info.lines() {
+        // Fields: id parent maj:min root mountpoint options [optional...] - fstype source superopts
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        if post.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = pre.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mp.replace("\\040", " ")));
+        }
+    }
+    Err(EbpfError::NoCgroup2Mount)
+}
+
+/// The hook each program attaches to is encoded in its ELF section; this only lists them.
+const PROGRAMS: [&str; 8] = program_names::ALL;
+
+/// The eBPF backend: loaded programs, pinned maps and links, and the map writer.
+pub struct EbpfBackend {
+    opts: EbpfOptions,
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    writer: MapWriter<AyaMaps>,
+    // Keeps the loaded programs' fds; the links (pinned) hold the programs attached independently.
+    _ebpf: Ebpf,
+}
+
+impl EbpfBackend {
+    /// Loads and attaches the programs, adopting pins of a previous run under `<bpffs_root>/v1/`.
+    pub fn new(opts: EbpfOptions) -> Result<Self, EbpfError> {
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        if !bpffs_mounted(&opts.bpffs_root) {
+            return Err(EbpfError::BpffsNotMounted { path: opts.bpffs_root.clone() });
+        }
+        if statfs_type(&opts.cgroup_root).ok() != Some(CGROUP2_SUPER_MAGIC) {
+            return Err(EbpfError::NotCgroup2 { path: opts.cgroup_root.clone() });
+        }
+        let base = opts.bpffs_root.join(LAYOUT_VERSION);
+        let maps_dir = base.join("maps");
+        let links_dir = base.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+
+        let pin_paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let adopting = pin_paths.iter().filter(|(_, p)| p.exists()).count();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            // Reuses the pinned map when present (aya does not check its shape: hence the version dir).
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf =
+            loader.load(OBJECT).map_err(|e| EbpfError::Load { pin_dir: maps_dir.clone(), source: Box::new(e) })?;
+        info!(pin_dir = %maps_dir.display(), adopted_maps = adopting, "loaded eBPF object");
+
+        let cgroup = fs::File::open(&opts.cgroup_root)
+            .map_err(io_err(format!("opening cgroup {}", opts.cgroup_root.display())))?;
+        for name in PROGRAMS {
+            attach_program(&mut ebpf, name, &cgroup, &links_dir, opts.program_update)?;
+        }
+
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name });
+        let maps = AyaMaps::new(
+            take(map_names::SERVICES)?,
+            take(map_names::BACKENDS)?,
+            take(map_names::REV_NAT)?,
+            take(map_names::COUNTERS)?,
+        )?;
+        let writer = MapWriter::adopt(maps)?;
+        info!(
+            cgroup = %opts.cgroup_root.display(),
+            adopted_services = writer.service_count(),
+            "eBPF socket load balancer attached"
+        );
+        Ok(EbpfBackend { opts, inner: Some(Inner { writer, _ebpf: ebpf }) })
+    }
+
+    /// The options this backend was created with.
+    pub fn options(&self) -> &EbpfOptions {
+        &self.opts
+    }
+
+    /// Per-service BPF counters (translated connections, no-endpoint rejects), for Prometheus export.
+    pub fn service_counters(&self) -> Result<Vec<ServiceCounterSample>, EbpfError> {
+        self.inner.as_ref().ok_or(EbpfError::CleanedUp)?.writer.counters()
+    }
+
+    /// The service id (reverse-NAT index) of a programmed service port.
+    pub fn service_id(&self, family: IpFamily, name: &ServicePortName) -> Option<u32> {
+        self.inner.as_ref()?.writer.service_id(family, name)
+    }
+
+    /// Detaches everything and removes every pin under `bpffs_root` (all layout versions): for `--cleanup`.
+    ///
+    /// Programs are attached to `cgroup_root` only through bpf_links that are pinned right after
+    /// attaching (an unpinned link dies with the process that made it), so removing the link pins
+    /// detaches them once no process holds a link open; bpffs releases the link after an RCU grace period,
+    /// so the detach becomes visible a moment after this returns.
+    pub fn cleanup_all(bpffs_root: &Path, cgroup_root: &Path) -> Result<(), EbpfError> {
+        if !bpffs_root.exists() {
+            return Ok(());
+        }
+        let versions = fs::read_dir(bpffs_root).map_err(io_err(format!("listing {}", bpffs_root.display())))?;
+        for v in versions {
+            let v = v.map_err(io_err(format!("listing {}", bpffs_root.display())))?.path();
+            if !v.is_dir() {
+                continue;
+            }
+            // Links first (detach), then maps.
+            for sub in ["links", "maps"] {
+                let dir = v.join(sub);
+                if !dir.exists() {
+                    continue;
+                }
+                for entry in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
+                    let p = entry.map_err(io_err(format!("listing {}", dir.display())))?.path();
+                    fs::remove_file(&p).map_err(io_err(format!("removing pin {}", p.display())))?;
+                }
+                fs::remove_dir(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
+            }
+            fs::remove_dir(&v).map_err(io_err(format!("removing {}", v.display())))?;
+        }
+        // The root may be shared (or be bpffs itself): leaving it behind is harmless.
+        if let Err(e) = fs::remove_dir(bpffs_root) {
+            warn!(path = %bpffs_root.display(), error = %e, "bpffs root not removed");
+        }
+        info!(bpffs = %bpffs_root.display(), cgroup = %cgroup_root.display(), "removed eBPF pins");
+        Ok(())
+    }
+}
+
+/// Loads one program and makes sure it runs on the cgroup through a pinned link.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    links_dir: &Path,
+    update: ProgramUpdate,
+) -> Result<(), EbpfError> {
+    let link_pin = links_dir.join(name);
+    let existing = if link_pin.exists() {
+        match sys::obj_get(&link_pin) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!(pin = %link_pin.display(), error = %e, "unusable link pin; re-attaching");
+                fs::remove_file(&link_pin).map_err(io_err(format!("removing {}", link_pin.display())))?;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if existing.is_some() && update == ProgramUpdate::Keep {
+        info!(program = name, "keeping the attached program of the previous run");
+        return Ok(());
+    }
+
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Missing { kind: "program", name })?
+        .try_into()
+        .map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+    prog.load().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+
+    if let Some(link_fd) = existing {
+        let prog_fd = prog.fd().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+        match sys::link_update(link_fd.as_fd(), prog_fd.as_fd()) {
+            Ok(()) => {
+                info!(program = name, "replaced program in pinned link");
+                return Ok(());
+            }
+            Err(e) => {
+                // E.g. ENOLINK: the cgroup the link pointed at is gone. Start over with a fresh link.
+                warn!(program = name, error = %e, "pinned link cannot be updated; re-attaching");
+                fs::remove_file(&link_pin).map_err(io_err(format!("removing {}", link_pin.display())))?;
+            }
+        }
+    }
+    let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| EbpfError::Program {
+        name,
+        action: "attach",
+        source: Box::new(e),
+    })?;
+    let link = prog.take_link(id).map_err(|e| EbpfError::Program { name, action: "take link", source: Box::new(e) })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| EbpfError::Link { name, source: Box::new(e) })?;
+    // The pin keeps the program attached after this process exits; dropping our fd does not detach.
+    let _pinned =
+        fd_link.pin(&link_pin).map_err(|e| EbpfError::Pin { name, path: link_pin.clone(), source: Box::new(e) })?;
+    info!(program = name, pin = %link_pin.display(), "attached and pinned");
+    Ok(())
+}
+
+fn backend_err(e: EbpfError) -> BackendError {
+    BackendError::with_source(BACKEND_NAME, e.to_string(), e)
+}
+
+impl Backend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        BACKEND_NAME
+    }
+
+    fn families(&self) -> &[IpFamily] {
+        &self.opts.families
+    }
+
+    fn sync(&mut self, snapshot: &Snapshot, changes: &Changes) -> Result<SyncReport, BackendError> {
+        let inner = self.inner.as_mut().ok_or_else(|| backend_err(EbpfError::CleanedUp))?;
+        inner.writer.sync(&self.opts.families, snapshot, changes).map_err(backend_err)
+    }
+
+    fn cleanup(&mut self) -> Result<(), BackendError> {
+        // Drop our fds first so removing the pins really detaches.
+        self.inner = None;
+        EbpfBackend::cleanup_all(&self.opts.bpffs_root, &self.opts.cgroup_root).map_err(backend_err)
+    }
+}

@@ -1,0 +1,566 @@
+//! Real-kernel tests of the socket load balancer: programs verified and attached to a test cgroup, a
+//! client namespace and a "pod" namespace joined by a veth pair, traffic from a client process inside
+//! both. Privileged: each test prints a SKIP reason and returns when it cannot run (not root, no cgroup2,
+//! no bpffs, no `ip`).
+//!
+//! Safety rules: only 198.18.0.0/15 and 2001:db8::/32 addresses, namespaces without any route off the
+//! machine, programs attached only to a cgroup the test creates, pins only under a test-owned bpffs
+//! directory, nothing dialled from the host namespace; everything is removed by `Lab::drop`, also on panic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use proxier::backend::Backend;
+use proxier::model::{
+    Changes, Endpoint, IpFamily, Protocol, SelectedEndpoints, ServicePortInfo, ServicePortName, ServicePortState,
+    Snapshot,
+};
+use proxy_ebpf::{EbpfBackend, EbpfOptions, bpffs_mounted, detect_cgroup2_mount};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_kp-ebpf-testclient");
+const POD_V4: [&str; 3] = ["198.18.0.2", "198.18.0.3", "198.18.0.4"];
+const POD_V6: [&str; 2] = ["2001:db8::2", "2001:db8::3"];
+const CIP4: &str = "198.19.0.10";
+const CIP6: &str = "2001:db8:ffff::10";
+const ECONNREFUSED: &str = "err=111";
+const ENETUNREACH: &str = "err=101";
+/// Upper bound of every server loop.
+const SERVER_LIFETIME: Duration = Duration::from_secs(300);
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Why this machine cannot run the tests, if it cannot.
+fn skip_reason() -> Option<String> {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (needs CAP_BPF, CAP_NET_ADMIN and cgroup writes)".into());
+    }
+    if let Err(e) = detect_cgroup2_mount() {
+        return Some(format!("no cgroup2 mount: {e}"));
+    }
+    if !bpffs_mounted(Path::new("/sys/fs/bpf")) {
+        return Some("/sys/fs/bpf is not a mounted bpffs".into());
+    }
+    if Command::new("ip").arg("-V").stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+        return Some("iproute2 `ip` not found".into());
+    }
+    None
+}
+
+/// One test's namespaces, cgroup, bpffs directory, echo servers and backend; torn down on drop.
+struct Lab {
+    client_ns: String,
+    pod_ns: String,
+    cgroup: PathBuf,
+    bpffs: PathBuf,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    backend: Option<EbpfBackend>,
+    created_ns: Vec<String>,
+}
+
+impl Lab {
+    fn new(test: &str) -> Option<Lab> {
+        if let Some(reason) = skip_reason() {
+            println!("SKIP {test}: {reason}");
+            return None;
+        }
+        let tag = format!("{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let cg_root = detect_cgroup2_mount().unwrap();
+        let mut lab = Lab {
+            client_ns: format!("kpc-{tag}"),
+            pod_ns: format!("kpp-{tag}"),
+            cgroup: cg_root.join(format!("kp-test-{tag}")),
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/kp-test-{tag}")),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            backend: None,
+            created_ns: Vec::new(),
+        };
+        let (c, p) = (lab.client_ns.clone(), lab.pod_ns.clone());
+        for ns in [&c, &p] {
+            run("ip", &["netns", "add", ns]);
+            lab.created_ns.push(ns.clone());
+        }
+        // The veth pair is created directly inside the namespaces: nothing appears on the host.
+        let (vc, vp) = (format!("vc{tag}"), format!("vp{tag}"));
+        run("ip", &["-n", &c, "link", "add", &vc, "type", "veth", "peer", "name", &vp, "netns", &p]);
+        run("ip", &["-n", &c, "addr", "add", "198.18.0.1/24", "dev", &vc]);
+        run("ip", &["-n", &c, "addr", "add", "2001:db8::1/64", "dev", &vc, "nodad"]);
+        for a in POD_V4 {
+            run("ip", &["-n", &p, "addr", "add", &format!("{a}/24"), "dev", &vp]);
+        }
+        for a in POD_V6 {
+            run("ip", &["-n", &p, "addr", "add", &format!("{a}/64"), "dev", &vp, "nodad"]);
+        }
+        for (ns, dev) in [(&c, &vc), (&p, &vp)] {
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+            run("ip", &["-n", ns, "link", "set", dev, "up"]);
+        }
+        std::fs::create_dir(&lab.cgroup).unwrap();
+        lab.start_servers();
+        let opts = EbpfOptions::new(&lab.cgroup, &lab.bpffs, vec![IpFamily::V4, IpFamily::V6]);
+        lab.backend = Some(EbpfBackend::new(opts).expect("load and attach"));
+        Some(lab)
+    }
+
+    fn backend(&mut self) -> &mut EbpfBackend {
+        self.backend.as_mut().expect("backend")
+    }
+
+    fn netns_path(&self, ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+
+    /// TCP and UDP echo servers on port 8080 of every pod address, answering `backend=<ip> peer=<addr>`.
+    fn start_servers(&mut self) {
+        let path = self.netns_path(&self.pod_ns);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // setns affects only the calling thread; sockets keep the namespace they were created in.
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: valid fd; only this short-lived thread changes namespace.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+            let mut socks = Vec::new();
+            for a in POD_V4.iter().chain(POD_V6.iter()) {
+                let ip: IpAddr = a.parse().unwrap();
+                let tcp = std::net::TcpListener::bind((ip, 8080)).unwrap();
+                let udp = std::net::UdpSocket::bind((ip, 8080)).unwrap();
+                socks.push((ip, tcp, udp));
+            }
+            tx.send(socks).unwrap();
+        })
+        .join()
+        .unwrap();
+        for (ip, tcp, udp) in rx.recv().unwrap() {
+            let stop = self.stop.clone();
+            tcp.set_nonblocking(true).unwrap();
+            self.servers.push(std::thread::spawn(move || {
+                let end = Instant::now() + SERVER_LIFETIME;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    match tcp.accept() {
+                        Ok((mut s, peer)) => {
+                            use std::io::Write;
+                            let _ = writeln!(s, "backend={ip} peer={peer}");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+            let stop = self.stop.clone();
+            udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            self.servers.push(std::thread::spawn(move || {
+                let end = Instant::now() + SERVER_LIFETIME;
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(format!("backend={ip} peer={peer}").as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+    }
+
+    /// Runs the client in the client namespace (and in the test cgroup when `in_cgroup`); one line per op.
+    fn client(&self, in_cgroup: bool, ops: &[(&str, &str, u16)]) -> Vec<String> {
+        let mut cmd = Command::new(CLIENT);
+        if in_cgroup {
+            cmd.arg("--cgroup").arg(&self.cgroup);
+        }
+        cmd.arg("--netns").arg(self.netns_path(&self.client_ns));
+        for (op, addr, port) in ops {
+            cmd.args([*op, *addr, &port.to_string()]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn client");
+        // Every op has a 2 s timeout; bound the whole run anyway.
+        let deadline = Instant::now() + Duration::from_secs(5 + 3 * ops.len() as u64);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("client timed out: {ops:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    }
+
+    /// `n` TCP connects; the backend address each one reached.
+    fn tcp_backends(&self, vip: &str, port: u16, n: usize) -> Vec<String> {
+        let ops: Vec<(&str, &str, u16)> = (0..n).map(|_| ("tcp", vip, port)).collect();
+        self.client(true, &ops).iter().map(|l| backend_of(l).unwrap_or_else(|| panic!("no backend in {l:?}"))).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Our fds first, then the pins (which detaches), then the cgroup and the namespaces.
+        drop(self.backend.take());
+        if let Err(e) = EbpfBackend::cleanup_all(&self.bpffs, &self.cgroup) {
+            eprintln!("cleanup {}: {e}", self.bpffs.display());
+        }
+        if self.cgroup.exists()
+            && let Err(e) = std::fs::remove_dir(&self.cgroup)
+        {
+            eprintln!("rmdir {}: {e}", self.cgroup.display());
+        }
+        for ns in &self.created_ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for t in self.servers.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn backend_of(line: &str) -> Option<String> {
+    line.split_whitespace().find_map(|w| w.strip_prefix("reply=backend=")).map(str::to_string)
+}
+
+fn peer_of(line: &str) -> Option<&str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix("peer="))
+}
+
+fn ep(addr: &str, local: bool) -> Endpoint {
+    Endpoint {
+        ip: addr.parse().unwrap(),
+        port: 8080,
+        ready: true,
+        serving: true,
+        terminating: false,
+        is_local: local,
+        zone_hints: BTreeSet::new(),
+        node_hints: BTreeSet::new(),
+    }
+}
+
+fn svc(
+    cluster_ip: &str,
+    port: u16,
+    protocol: Protocol,
+    eps: Vec<Endpoint>,
+    tweak: impl FnOnce(&mut ServicePortInfo),
+) -> ServicePortState {
+    let mut info = ServicePortInfo {
+        cluster_ip: cluster_ip.parse().unwrap(),
+        port,
+        protocol,
+        node_port: 0,
+        session_affinity_timeout: None,
+        external_ips: vec![],
+        load_balancer_vips: vec![],
+        load_balancer_source_ranges: vec![],
+        external_policy_local: false,
+        internal_policy_local: false,
+        health_check_node_port: 0,
+    };
+    tweak(&mut info);
+    let local: Vec<Endpoint> = eps.iter().filter(|e| e.is_local).cloned().collect();
+    let cluster = if info.internal_policy_local && info.node_port == 0 { vec![] } else { eps.clone() };
+    ServicePortState {
+        info: Arc::new(info),
+        endpoints: Arc::new(eps.clone()),
+        selected: SelectedEndpoints { has_any: !eps.is_empty(), cluster, local, all_reachable: eps },
+    }
+}
+
+fn name(n: &str, protocol: Protocol) -> ServicePortName {
+    ServicePortName::new("default", n, "", protocol)
+}
+
+/// Puts `state` into the snapshot and syncs just that service port (a partial sync).
+fn apply(lab: &mut Lab, snap: &mut Snapshot, n: ServicePortName, state: Option<ServicePortState>) {
+    let family = state.as_ref().map(|s| s.info.family()).unwrap_or(IpFamily::V4);
+    match state {
+        Some(s) => {
+            snap.family_mut(family).services.insert(n.clone(), s);
+        }
+        None => {
+            snap.family_mut(family).services.remove(&n);
+        }
+    }
+    let mut changes = Changes::default();
+    changes.family_mut(family).services.insert(n);
+    lab.backend().sync(snap, &changes).expect("sync");
+}
+
+fn v4_eps(n: usize) -> Vec<Endpoint> {
+    POD_V4[..n].iter().map(|a| ep(a, false)).collect()
+}
+
+#[test]
+fn cluster_ip_tcp_udp_and_reverse_translation() {
+    let Some(mut lab) = Lab::new("cluster_ip_tcp_udp_and_reverse_translation") else { return };
+    let mut snap = Snapshot::default();
+    apply(&mut lab, &mut snap, name("web", Protocol::Tcp), Some(svc(CIP4, 80, Protocol::Tcp, v4_eps(1), |_| {})));
+    apply(&mut lab, &mut snap, name("dns", Protocol::Udp), Some(svc(CIP4, 53, Protocol::Udp, v4_eps(1), |_| {})));
+
+    let out = lab.client(true, &[("tcp", CIP4, 80), ("udp", CIP4, 53), ("udpc", CIP4, 53)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+    // getpeername shows the ClusterIP, the backend saw the client's own address.
+    assert_eq!(peer_of(&out[0]), Some("198.19.0.10:80"), "{out:?}");
+    assert_eq!(backend_of(&out[0]).as_deref(), Some("198.18.0.2"), "{out:?}");
+    assert!(out[0].contains("reply=backend=198.18.0.2") && out[0].contains(" peer=198.18.0.1:"), "{out:?}");
+    // Unconnected UDP: recvfrom reports the ClusterIP as the sender.
+    assert!(out[1].starts_with("udp ok"), "{out:?}");
+    assert_eq!(peer_of(&out[1]), Some("198.19.0.10:53"), "{out:?}");
+    // Connected UDP: the reply arrives and getpeername shows the ClusterIP.
+    assert!(out[2].starts_with("udpc ok"), "{out:?}");
+    assert_eq!(peer_of(&out[2]), Some("198.19.0.10:53"), "{out:?}");
+
+    // A process outside the cgroup is not translated: the ClusterIP is simply unroutable there.
+    let out = lab.client(false, &[("tcp", CIP4, 80)]);
+    assert!(out[0].contains(ENETUNREACH), "{out:?}");
+
+    let counters = lab.backend().service_counters().unwrap();
+    let web = counters.iter().find(|c| c.service == name("web", Protocol::Tcp)).unwrap();
+    assert!(web.counters.translated >= 1, "{counters:?}");
+}
+
+#[test]
+fn scaling_and_no_endpoints_refuse() {
+    let Some(mut lab) = Lab::new("scaling_and_no_endpoints_refuse") else { return };
+    let mut snap = Snapshot::default();
+    let web = name("web", Protocol::Tcp);
+    let dns = name("dns", Protocol::Udp);
+    let set = |lab: &mut Lab, snap: &mut Snapshot, n: usize| {
+        apply(lab, snap, web.clone(), Some(svc(CIP4, 80, Protocol::Tcp, v4_eps(n), |_| {})));
+        apply(lab, snap, dns.clone(), Some(svc(CIP4, 53, Protocol::Udp, v4_eps(n), |_| {})));
+    };
+
+    set(&mut lab, &mut snap, 1);
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 5).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from(["198.18.0.2".to_string()]));
+
+    set(&mut lab, &mut snap, 3);
+    // 30 uniform picks over 3 backends miss one with probability ~1.5e-5.
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 30).into_iter().collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    set(&mut lab, &mut snap, 0);
+    let t = Instant::now();
+    let out = lab.client(true, &[("tcp", CIP4, 80), ("udp", CIP4, 53)]);
+    assert!(out[0].contains(ECONNREFUSED), "TCP without endpoints: {out:?}");
+    assert!(out[1].contains(ECONNREFUSED), "UDP without endpoints: {out:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "refusal must be immediate, took {:?}", t.elapsed());
+
+    set(&mut lab, &mut snap, 2);
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 20).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from(["198.18.0.2".to_string(), "198.18.0.3".to_string()]));
+
+    let counters = lab.backend().service_counters().unwrap();
+    let by_name: BTreeMap<_, _> = counters.iter().map(|c| (c.service.clone(), c.counters)).collect();
+    assert!(by_name[&web].no_endpoints >= 1 && by_name[&web].translated >= 55, "{counters:?}");
+    assert!(by_name[&dns].no_endpoints >= 1, "{counters:?}");
+
+    // Deleting the service: the ClusterIP is no longer translated at all.
+    apply(&mut lab, &mut snap, web.clone(), None);
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].contains(ENETUNREACH), "{out:?}");
+}
+
+#[test]
+fn ipv6_cluster_ip_and_v4_mapped() {
+    let Some(mut lab) = Lab::new("ipv6_cluster_ip_and_v4_mapped") else { return };
+    let mut snap = Snapshot::default();
+    let v6_eps: Vec<Endpoint> = POD_V6.iter().map(|a| ep(a, false)).collect();
+    apply(&mut lab, &mut snap, name("web6", Protocol::Tcp), Some(svc(CIP6, 80, Protocol::Tcp, v6_eps.clone(), |_| {})));
+    apply(&mut lab, &mut snap, name("dns6", Protocol::Udp), Some(svc(CIP6, 53, Protocol::Udp, v6_eps, |_| {})));
+    apply(&mut lab, &mut snap, name("web", Protocol::Tcp), Some(svc(CIP4, 80, Protocol::Tcp, v4_eps(1), |_| {})));
+    apply(&mut lab, &mut snap, name("dns", Protocol::Udp), Some(svc(CIP4, 53, Protocol::Udp, v4_eps(1), |_| {})));
+
+    let mapped = "::ffff:198.19.0.10";
+    let out = lab.client(true, &[("tcp", CIP6, 80), ("udp", CIP6, 53), ("tcp", mapped, 80), ("udp", mapped, 53)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+    assert_eq!(peer_of(&out[0]), Some("[2001:db8:ffff::10]:80"), "{out:?}");
+    assert!(backend_of(&out[0]).is_some_and(|b| POD_V6.contains(&b.as_str())), "{out:?}");
+    assert_eq!(peer_of(&out[1]), Some("[2001:db8:ffff::10]:53"), "{out:?}");
+    // IPv4-mapped destination on an IPv6 socket uses the IPv4 service and is reverse-translated.
+    assert!(out[2].starts_with("tcp ok"), "{out:?}");
+    assert_eq!(peer_of(&out[2]), Some("[::ffff:198.19.0.10]:80"), "{out:?}");
+    assert_eq!(backend_of(&out[2]).as_deref(), Some("198.18.0.2"), "{out:?}");
+    assert!(out[3].starts_with("udp ok"), "{out:?}");
+    assert_eq!(peer_of(&out[3]), Some("[::ffff:198.19.0.10]:53"), "{out:?}");
+}
+
+#[test]
+fn session_affinity_client_ip_sticks() {
+    let Some(mut lab) = Lab::new("session_affinity_client_ip_sticks") else { return };
+    let mut snap = Snapshot::default();
+    let st = svc(CIP4, 80, Protocol::Tcp, v4_eps(3), |i| i.session_affinity_timeout = Some(60));
+    apply(&mut lab, &mut snap, name("sticky", Protocol::Tcp), Some(st));
+    let seen: Vec<String> = lab.tcp_backends(CIP4, 80, 12);
+    let distinct: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), 1, "affinity must pin one backend: {seen:?}");
+    // A second process in the same namespace (same client) keeps the backend.
+    let again = lab.tcp_backends(CIP4, 80, 3);
+    assert!(again.iter().all(|b| b == &seen[0]), "{seen:?} then {again:?}");
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_local_endpoints() {
+    let Some(mut lab) = Lab::new("internal_traffic_policy_local_uses_local_endpoints") else { return };
+    let mut snap = Snapshot::default();
+    let eps = vec![ep(POD_V4[0], false), ep(POD_V4[1], true), ep(POD_V4[2], false)];
+    let n = name("local", Protocol::Tcp);
+    apply(&mut lab, &mut snap, n.clone(), Some(svc(CIP4, 80, Protocol::Tcp, eps, |i| i.internal_policy_local = true)));
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 15).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from([POD_V4[1].to_string()]));
+    // No local endpoint left: refused, even though remote ones exist.
+    let eps = vec![ep(POD_V4[0], false), ep(POD_V4[2], false)];
+    apply(
+        &mut lab,
+        &mut snap,
+        n.clone(),
+        Some(svc(CIP4, 80, Protocol::Tcp, eps.clone(), |i| i.internal_policy_local = true)),
+    );
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].contains(ECONNREFUSED), "{out:?}");
+    // Back to Cluster: every endpoint again.
+    apply(&mut lab, &mut snap, n, Some(svc(CIP4, 80, Protocol::Tcp, eps, |_| {})));
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 20).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from([POD_V4[0].to_string(), POD_V4[2].to_string()]));
+}
+
+#[test]
+fn pins_survive_restart_and_are_adopted() {
+    let Some(mut lab) = Lab::new("pins_survive_restart_and_are_adopted") else { return };
+    let mut snap = Snapshot::default();
+    let web = name("web", Protocol::Tcp);
+    apply(&mut lab, &mut snap, web.clone(), Some(svc(CIP4, 80, Protocol::Tcp, v4_eps(2), |_| {})));
+    let id = lab.backend().service_id(IpFamily::V4, &web).unwrap();
+
+    // The proxy "exits": programs stay attached through the pinned links, maps stay pinned.
+    drop(lab.backend.take());
+    assert!(lab.bpffs.join("v1/links/kp_connect4").exists() && lab.bpffs.join("v1/maps/KP_SERVICES").exists());
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].starts_with("tcp ok") && peer_of(&out[0]) == Some("198.19.0.10:80"), "{out:?}");
+
+    // A new process adopts pins, swaps its programs into the links and works before any sync.
+    let opts = EbpfOptions::new(&lab.cgroup, &lab.bpffs, vec![IpFamily::V4, IpFamily::V6]);
+    lab.backend = Some(EbpfBackend::new(opts).expect("adopt"));
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+
+    // The first (full) sync finds everything in place: same service id, no map writes.
+    let report = lab.backend().sync(&snap, &Changes { full: true, ..Default::default() }).unwrap();
+    let detail = |k: &str| report.details.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+    assert_eq!((detail("map_updates"), detail("map_deletes")), (Some(0), Some(0)), "{report:?}");
+    assert_eq!(lab.backend().service_id(IpFamily::V4, &web), Some(id));
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 20).into_iter().collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A control-plane-only restart can keep the running programs instead of replacing them.
+    drop(lab.backend.take());
+    let mut keep = EbpfOptions::new(&lab.cgroup, &lab.bpffs, vec![IpFamily::V4, IpFamily::V6]);
+    keep.program_update = proxy_ebpf::ProgramUpdate::Keep;
+    lab.backend = Some(EbpfBackend::new(keep).expect("adopt, keeping programs"));
+    assert_eq!(lab.backend().service_id(IpFamily::V4, &web), None, "names are re-derived on the first sync");
+    lab.backend().sync(&snap, &Changes { full: true, ..Default::default() }).unwrap();
+    assert_eq!(lab.backend().service_id(IpFamily::V4, &web), Some(id));
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+
+    // --cleanup: pins gone, programs detached. bpffs releases an unlinked pin's link after an RCU grace
+    // period, so the detach is observed within a short, bounded wait.
+    lab.backend().cleanup().unwrap();
+    assert!(!lab.bpffs.exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = lab.client(true, &[("tcp", CIP4, 80)]);
+    while !out[0].contains(ENETUNREACH) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        out = lab.client(true, &[("tcp", CIP4, 80)]);
+    }
+    assert!(out[0].contains(ENETUNREACH), "still translated after cleanup: {out:?}");
+}
+
+#[test]
+fn external_ip_and_node_port_frontends() {
+    let Some(mut lab) = Lab::new("external_ip_and_node_port_frontends") else { return };
+    let mut snap = Snapshot::default();
+    // The client's own address stands in for the node address (socket LB on the node itself).
+    snap.node.addresses = vec!["198.18.0.1".parse().unwrap()];
+    let eps = vec![ep(POD_V4[0], false), ep(POD_V4[1], true)];
+    let n = name("ext", Protocol::Tcp);
+    let with_ext = |local: bool| {
+        move |i: &mut ServicePortInfo| {
+            i.external_ips = vec!["198.18.9.9".parse().unwrap()];
+            i.node_port = 30080;
+            i.external_policy_local = local;
+        }
+    };
+    apply(&mut lab, &mut snap, n.clone(), Some(svc(CIP4, 80, Protocol::Tcp, eps.clone(), with_ext(false))));
+    let out = lab.client(true, &[("tcp", "198.18.9.9", 80), ("tcp", "198.18.0.1", 30080)]);
+    assert!(out.iter().all(|l| l.starts_with("tcp ok")), "{out:?}");
+    assert_eq!(peer_of(&out[0]), Some("198.18.9.9:80"), "{out:?}");
+    assert_eq!(peer_of(&out[1]), Some("198.18.0.1:30080"), "{out:?}");
+
+    // externalTrafficPolicy: Local → external frontends use only the local endpoint; ClusterIP does not.
+    apply(&mut lab, &mut snap, n, Some(svc(CIP4, 80, Protocol::Tcp, eps, with_ext(true))));
+    let ext: BTreeSet<String> = lab.tcp_backends("198.18.0.1", 30080, 12).into_iter().collect();
+    assert_eq!(ext, BTreeSet::from([POD_V4[1].to_string()]));
+    let cip: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 20).into_iter().collect();
+    assert_eq!(cip.len(), 2, "{cip:?}");
+}
+
+/// Map dumps in a stable order (hash-map iteration order is arbitrary).
+fn sorted<K: std::fmt::Debug, V>(mut v: Vec<(K, V)>) -> Vec<(K, V)> {
+    v.sort_by_key(|x| format!("{:?}", x.0));
+    v
+}
+
+#[test]
+fn writer_on_real_maps_matches_fake_maps() {
+    use proxy_ebpf::{AyaMaps, FakeMaps, LbMaps, MapWriter};
+    let Some(mut lab) = Lab::new("writer_on_real_maps_matches_fake_maps") else { return };
+    let mut fake = MapWriter::adopt(FakeMaps::default()).unwrap();
+    let families = [IpFamily::V4, IpFamily::V6];
+    let mut snap = Snapshot::default();
+    let mut steps: Vec<(Snapshot, Changes)> = Vec::new();
+    let a = name("a", Protocol::Tcp);
+    let b = name("b", Protocol::Udp);
+    let c = name("c6", Protocol::Tcp);
+    snap.v4.services.insert(a.clone(), svc(CIP4, 80, Protocol::Tcp, v4_eps(3), |_| {}));
+    snap.v4.services.insert(b.clone(), svc(CIP4, 53, Protocol::Udp, v4_eps(2), |_| {}));
+    let v6_eps: Vec<Endpoint> = POD_V6.iter().map(|x| ep(x, false)).collect();
+    snap.v6.services.insert(c.clone(), svc(CIP6, 80, Protocol::Tcp, v6_eps, |_| {}));
+    steps.push((snap.clone(), Changes { full: true, ..Default::default() }));
+    let eps = vec![ep(POD_V4[0], true), ep(POD_V4[2], false)];
+    snap.v4.services.insert(a.clone(), svc(CIP4, 80, Protocol::Tcp, eps, |i| i.internal_policy_local = true));
+    snap.v4.services.remove(&b);
+    let mut ch = Changes::default();
+    ch.v4.services.extend([a.clone(), b.clone()]);
+    steps.push((snap.clone(), ch));
+    snap.v6.services.clear();
+    steps.push((snap.clone(), Changes { full: true, ..Default::default() }));
+
+    for (s, ch) in &steps {
+        lab.backend().sync(s, ch).expect("real sync");
+        fake.sync(&families, s, ch).expect("fake sync");
+        let real = AyaMaps::from_pins(&lab.bpffs).expect("open pins");
+        assert_eq!(sorted(real.dump_services().unwrap()), sorted(fake.maps().dump_services().unwrap()));
+        assert_eq!(sorted(real.dump_backends().unwrap()), sorted(fake.maps().dump_backends().unwrap()));
+        assert_eq!(sorted(real.dump_rev_nat().unwrap()), sorted(fake.maps().dump_rev_nat().unwrap()));
+    }
+    // And the real maps still serve traffic after all that.
+    let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 5).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from([POD_V4[0].to_string()]));
+}
