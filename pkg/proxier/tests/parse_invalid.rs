@@ -1,12 +1,10 @@
 //! Malformed Services and EndpointSlices are rejected whole, with the object and field named; valid
 //! neighbours are untouched.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{endpoint, service, slice};
+use e2e::objects::{endpoint, service, slice_json as slice};
 use proxier::model::IpFamily;
 use proxier::parse::{parse_endpoint_slice, parse_service};
 use proxier::tracker::{ChangeTracker, TrackerObserver, apply_checkout};

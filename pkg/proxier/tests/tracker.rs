@@ -1,12 +1,10 @@
 //! The change tracker reports exactly the Service ports that changed, merges slices like upstream and
 //! recomputes selection when the node's topology changes.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::{endpoint, node, service, slice};
+use e2e::objects::{endpoint, node_in_zone as node, service, slice_json as slice};
 use proxier::model::{Changes, IpFamily, Snapshot};
 use proxier::tracker::{ChangeTracker, NoopObserver, apply_checkout};
 use serde_json::json;

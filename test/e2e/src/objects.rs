@@ -18,25 +18,42 @@ pub fn service(ns: &str, name: &str, cluster_ip: &str, patch: Value) -> Service 
 
 /// An EndpointSlice for Service `svc` with port `http` 8080 and one ready endpoint per `(ip, node)`.
 pub fn slice(ns: &str, svc: &str, name: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
-    let eps: Vec<Value> = endpoints
-        .iter()
-        .map(|(ip, node)| json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": true}}))
-        .collect();
-    serde_json::from_value(json!({
+    let eps: Vec<Value> = endpoints.iter().map(|(ip, node)| endpoint(ip, node, true)).collect();
+    slice_json(ns, svc, name, Value::Array(eps), json!({}))
+}
+
+/// An EndpointSlice for Service `svc` with port `http` 8080, the given endpoint objects, then `patch` merged in.
+pub fn slice_json(ns: &str, svc: &str, name: &str, endpoints: Value, patch: Value) -> EndpointSlice {
+    let mut v = json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": svc}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps
-    }))
-    .expect("slice")
+        "endpoints": endpoints
+    });
+    merge(&mut v, patch);
+    serde_json::from_value(v).expect("slice")
 }
 
-/// A Node with an InternalIP.
+/// One slice endpoint on `node`, ready (and serving) or not.
+pub fn endpoint(ip: &str, node: &str, ready: bool) -> Value {
+    json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": ready, "serving": ready, "terminating": false}})
+}
+
+/// A Node in zone `zone-a` with an InternalIP.
 pub fn node(name: &str, ip: &str) -> Node {
+    node_in_zone(name, Some("zone-a"), ip)
+}
+
+/// A Node with an optional zone label and an InternalIP.
+pub fn node_in_zone(name: &str, zone: Option<&str>, ip: &str) -> Node {
+    let labels = match zone {
+        Some(z) => json!({"topology.kubernetes.io/zone": z}),
+        None => json!({}),
+    };
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "metadata": {"name": name, "labels": labels},
         "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
     }))
     .expect("node")

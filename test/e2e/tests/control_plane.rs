@@ -319,3 +319,106 @@ fn full_sync_of_ten_thousand_services_is_reported_with_rss() {
         rss / 1024
     );
 }
+
+fn run_bin(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(e2e::kube_proxy_bin()).args(args).output().expect("run kube-proxy")
+}
+
+#[test]
+fn command_line_errors_and_info_match_upstream() {
+    let out = run_bin(&["--bogus-flag"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Error: unknown flag: --bogus-flag"));
+
+    let out = run_bin(&["positional"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(r#"does not take any arguments, got ["positional"]"#));
+
+    let out = run_bin(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Kubernetes v1."));
+
+    let out = run_bin(&["-h"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in
+        ["--config", "--proxy-mode", "--cgroup-root", "--bpffs-root", "--iptables-sync-period", "--ipvs-scheduler"]
+    {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+
+    // Underscores normalise to dashes, as pflag does; an invalid value then fails validation with upstream's text.
+    let out = run_bin(&["--iptables_masquerade_bit=32", "--write-config-to=/dev/null"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be within the range [0, 31]"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start_background("127.0.0.1:0".parse().unwrap()).unwrap();
+    api.write_kubeconfig(dir.path().join("kc")).unwrap();
+    let kc = format!("--kubeconfig={}", dir.path().join("kc").display());
+    let out = run_bin(&["--proxy-mode=nftables", &kc, "--healthz-bind-address=", "--metrics-bind-address="]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A network namespace for one test, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("kp-e2e-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap().success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+
+    fn exec(&self, program: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip netns exec");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero() {
+    if !e2e::is_root() || std::process::Command::new("iptables-restore").arg("--version").output().is_err() {
+        println!("SKIP cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero: needs root and iptables");
+        return;
+    }
+    let ns = Netns::new("cleanup");
+    let rules = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\nCOMMIT\n";
+    let out = ns.exec("iptables-restore", &["--noflush"], Some(rules));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pins = tempfile::tempdir().unwrap();
+    let cg = tempfile::tempdir().unwrap();
+    let bin = e2e::kube_proxy_bin();
+    let out = ns.exec(
+        bin.to_str().unwrap(),
+        &[
+            "--cleanup",
+            &format!("--bpffs-root={}", pins.path().display()),
+            &format!("--cgroup-root={}", cg.path().display()),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = String::from_utf8_lossy(&ns.exec("iptables-save", &["-t", "nat"], None).stdout).into_owned();
+    assert!(!saved.contains("KUBE-"), "leftovers after --cleanup:\n{saved}");
+}
