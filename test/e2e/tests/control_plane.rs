@@ -422,3 +422,51 @@ fn cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero() {
     let saved = String::from_utf8_lossy(&ns.exec("iptables-save", &["-t", "nat"], None).stdout).into_owned();
     assert!(!saved.contains("KUBE-"), "leftovers after --cleanup:\n{saved}");
 }
+
+#[test]
+fn health_check_node_port_follows_local_ready_endpoints() {
+    let s = Setup::new();
+    let api = ApiServer::start_background("127.0.0.1:0".parse().unwrap()).unwrap();
+    api.write_kubeconfig(s.kubeconfig()).unwrap();
+    api.apply(&node(NODE, "198.18.0.1")).unwrap();
+    let hc_port = free_port();
+    let lb = |port: u16| {
+        service(
+            "default",
+            "lb",
+            "198.19.0.7",
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": port,
+                            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
+        )
+    };
+    api.apply(&lb(hc_port)).unwrap();
+    api.apply(&slice("default", "lb", "lb-1", &[("198.18.1.1", NODE), ("198.18.1.2", "node-b")])).unwrap();
+    // Listen on loopback only: nodePortAddresses selects the node addresses health-check ports bind to.
+    let mut flags = s.flags();
+    flags.push("--nodeport-addresses=127.0.0.0/8".into());
+    let _proxy = s.start(flags);
+    let hc = SocketAddr::from(([127, 0, 0, 1], hc_port));
+
+    let r = wait_for(T, || http_get(hc, "/").filter(|r| r.status == 200)).expect("health check port answers 200");
+    assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some("1"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"lb\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+
+    // The local endpoint goes away: 503 with zero local endpoints, so load balancers steer away.
+    api.apply(&slice("default", "lb", "lb-1", &[("198.18.1.2", "node-b")])).unwrap();
+    let r = wait_for(T, || http_get(hc, "/").filter(|r| r.status == 503)).expect("503 without local endpoints");
+    assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some("0"));
+
+    // Switching the Service to Cluster policy closes the listener.
+    api.apply(&service(
+        "default",
+        "lb",
+        "198.19.0.7",
+        json!({"spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
+    ))
+    .unwrap();
+    assert!(wait_for(T, || http_get(hc, "/").is_none().then_some(())).is_some(), "listener closed");
+}
