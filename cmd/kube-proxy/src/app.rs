@@ -111,9 +111,14 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let backend = backends::build(&run)?;
+    let backends::BuiltBackend { backend, ebpf_metrics } = backends::build(&run)?;
     let families = backend.families().to_vec();
     let metrics = Metrics::new(mode);
+    if let Some(c) = ebpf_metrics
+        && let Err(e) = c.register(metrics.registry())
+    {
+        tracing::warn!(error = %e, "Registering eBPF metrics failed");
+    }
     let health = Arc::new(ProxyHealth::new(&families, run.sync_period()));
 
     if let Some(addr) = run.metrics_bind_address() {

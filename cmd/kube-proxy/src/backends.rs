@@ -45,13 +45,27 @@ pub fn test_backend_requested() -> bool {
     std::env::var_os(TEST_BACKEND_ENV).is_some()
 }
 
+/// The datapath backend plus the metrics collector it contributes (read at scrape time).
+pub struct BuiltBackend {
+    /// The backend the sync runner takes over.
+    pub backend: Box<dyn Backend>,
+    /// eBPF counters and map statistics; `None` for other modes.
+    pub ebpf_metrics: Option<proxy_ebpf::EbpfCollector>,
+}
+
+impl BuiltBackend {
+    fn plain(backend: Box<dyn Backend>) -> Self {
+        BuiltBackend { backend, ebpf_metrics: None }
+    }
+}
+
 /// Builds the backend for the configured mode.
-pub fn build(run: &ProxyRunConfig) -> Result<Box<dyn Backend>, BackendInitError> {
+pub fn build(run: &ProxyRunConfig) -> Result<BuiltBackend, BackendInitError> {
     if let Some(spec) = std::env::var_os(TEST_BACKEND_ENV) {
         let spec = spec.to_string_lossy().into_owned();
         let path = spec.strip_prefix("record:").ok_or_else(|| BackendInitError::BadTestBackend(spec.clone()))?;
         tracing::warn!(path, "Test backend: recording syncs instead of programming a datapath");
-        return Ok(Box::new(RecordingBackend::new(Path::new(path))?));
+        return Ok(BuiltBackend::plain(Box::new(RecordingBackend::new(Path::new(path))?)));
     }
     match run.mode {
         ProxyMode::Ebpf => {
@@ -64,7 +78,15 @@ pub fn build(run: &ProxyRunConfig) -> Result<Box<dyn Backend>, BackendInitError>
             let cgroup_root = crate::app::cgroup_root(run.cgroup_root.as_ref()).map_err(BackendInitError::Setup)?;
             let opts = proxy_ebpf::EbpfOptions::new(cgroup_root, &run.bpffs_root, IpFamily::ALL.to_vec());
             let backend = proxy_ebpf::EbpfBackend::new(opts).map_err(|e| BackendInitError::Setup(e.into()))?;
-            Ok(Box::new(backend))
+            // Opened before the backend moves into the runner thread; it holds its own map handles.
+            let ebpf_metrics = match backend.metrics_collector() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "eBPF metrics unavailable");
+                    None
+                }
+            };
+            Ok(BuiltBackend { backend: Box::new(backend), ebpf_metrics })
         }
         other => Err(BackendInitError::NotBuilt(mode_name(other))),
     }

@@ -7,10 +7,16 @@
 //!   window without translation; service and backend ids are rebuilt from the map contents.
 //! - The [`proxier::backend::Backend`] impl hands syncs to [`MapWriter`], which writes per-entry updates
 //!   in the commit-safe order described in `writer.rs`.
+//! - [`EbpfBackend::metrics_collector`] gives a Prometheus collector reading counters and map statistics at
+//!   scrape time; [`inspect`] holds the read-only listing behind `kpctl`. Service names are kept in a
+//!   pinned userspace-only map ([`NAMES_MAP`]) so both work across restarts.
 //! - [`EbpfBackend::cleanup_all`] removes every pin (which detaches the programs) for `--cleanup`.
 
+pub mod inspect;
 mod loader;
 mod maps;
+mod metrics;
+mod names;
 mod sys;
 mod writer;
 
@@ -18,6 +24,8 @@ use std::path::PathBuf;
 
 pub use loader::{EbpfBackend, EbpfOptions, ProgramUpdate, bpffs_mounted, detect_cgroup2_mount};
 pub use maps::{AyaMaps, FakeMaps, LbMaps, MapOp};
+pub use metrics::{BpfStatsSource, EbpfCollector, PinnedStats};
+pub use names::{NAMES_MAP, ServiceName, ServiceNameTable, read_pinned_names};
 pub use writer::{MapWriter, ServiceCounterSample, addr16, ip_from_addr16};
 
 /// Errors of the eBPF backend; each names the input (path, map, key, service) that caused it.

@@ -15,6 +15,8 @@ use tracing::{info, warn};
 
 use crate::EbpfError;
 use crate::maps::AyaMaps;
+use crate::metrics::EbpfCollector;
+use crate::names::{NamePublisher, ServiceNameTable};
 use crate::sys;
 use crate::writer::{MapWriter, ServiceCounterSample};
 
@@ -117,6 +119,8 @@ pub struct EbpfBackend {
 
 struct Inner {
     writer: MapWriter<AyaMaps>,
+    // Service id → name, shared with metrics collectors and pinned for kpctl.
+    names: NamePublisher,
     // Keeps the loaded programs' fds; the links (pinned) hold the programs attached independently.
     _ebpf: Ebpf,
 }
@@ -165,12 +169,13 @@ impl EbpfBackend {
             take(map_names::COUNTERS)?,
         )?;
         let writer = MapWriter::adopt(maps)?;
+        let names = NamePublisher::new(&maps_dir);
         info!(
             cgroup = %opts.cgroup_root.display(),
             adopted_services = writer.service_count(),
             "eBPF socket load balancer attached"
         );
-        Ok(EbpfBackend { opts, inner: Some(Inner { writer, _ebpf: ebpf }) })
+        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, _ebpf: ebpf }) })
     }
 
     /// The options this backend was created with.
@@ -181,6 +186,19 @@ impl EbpfBackend {
     /// Per-service BPF counters (translated connections, no-endpoint rejects), for Prometheus export.
     pub fn service_counters(&self) -> Result<Vec<ServiceCounterSample>, EbpfError> {
         self.inner.as_ref().ok_or(EbpfError::CleanedUp)?.writer.counters()
+    }
+
+    /// The service id → service port name table, kept current by every sync.
+    pub fn service_names(&self) -> Result<ServiceNameTable, EbpfError> {
+        Ok(self.inner.as_ref().ok_or(EbpfError::CleanedUp)?.names.table())
+    }
+
+    /// A Prometheus collector reading this backend's BPF counters and map statistics at scrape time.
+    ///
+    /// It holds its own handles to the pinned maps and shares the name table, so it can be registered
+    /// before the backend moves into the sync runner and keeps working while the runner syncs.
+    pub fn metrics_collector(&self) -> Result<EbpfCollector, EbpfError> {
+        EbpfCollector::from_pins(&self.opts.bpffs_root, self.service_names()?)
     }
 
     /// The service id (reverse-NAT index) of a programmed service port.
@@ -303,7 +321,10 @@ impl Backend for EbpfBackend {
 
     fn sync(&mut self, snapshot: &Snapshot, changes: &Changes) -> Result<SyncReport, BackendError> {
         let inner = self.inner.as_mut().ok_or_else(|| backend_err(EbpfError::CleanedUp))?;
-        inner.writer.sync(&self.opts.families, snapshot, changes).map_err(backend_err)
+        let result = inner.writer.sync(&self.opts.families, snapshot, changes).map_err(backend_err);
+        // Also after a failed sync: the names follow whatever ids the writer holds now.
+        inner.names.publish(&inner.writer, changes);
+        result
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {

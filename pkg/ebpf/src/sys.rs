@@ -40,3 +40,29 @@ pub(crate) fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()
     attr.0[1] = new_prog.as_fd().as_raw_fd() as u32;
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The key after `key` in a map (`BPF_MAP_GET_NEXT_KEY`); `key = None` asks for the first one. `Ok(false)`
+/// means there is no next key (`ENOENT`).
+///
+/// # Safety
+///
+/// `next` (and `key`, when given) must be at least the map's key size as the kernel reports it for this
+/// very fd: the kernel writes that many bytes into `next`.
+pub(crate) unsafe fn map_get_next_key(map: impl AsFd, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let mut attr = Attr::default();
+    attr.0[0] = map.as_fd().as_raw_fd() as u32;
+    // A NULL key pointer makes the kernel return the first key.
+    let kptr = key.map_or(0u64, |k| k.as_ptr() as u64);
+    let nptr = next.as_mut_ptr() as u64;
+    attr.0[2] = kptr as u32;
+    attr.0[3] = (kptr >> 32) as u32;
+    attr.0[4] = nptr as u32;
+    attr.0[5] = (nptr >> 32) as u32;
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

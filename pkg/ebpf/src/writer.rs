@@ -131,6 +131,11 @@ impl<M: LbMaps> MapWriter<M> {
         self.names.get(&(family, name.clone())).copied()
     }
 
+    /// Every service port this writer has programmed, with its family and service id.
+    pub fn service_names(&self) -> impl Iterator<Item = (IpFamily, &ServicePortName, u32)> {
+        self.names.iter().map(|((family, name), id)| (*family, name, *id))
+    }
+
     /// Number of service ids with state in the maps.
     pub fn service_count(&self) -> usize {
         self.services.len()

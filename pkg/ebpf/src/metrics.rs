@@ -1,0 +1,270 @@
+//! Prometheus metrics read from BPF at scrape time.
+//!
+//! [`EbpfCollector`] is a [`Collector`]: nothing is copied into Prometheus handles between scrapes, every
+//! scrape reads the per-CPU counters of each named service id and the statistics of each pinned map.
+//! Upstream kube-proxy has no such metrics; names follow its `kubeproxy_` prefix and `[ALPHA]` help style:
+//!
+//! - `kubeproxy_ebpf_service_connections_translated_total{service_port_name, protocol, ip_family}`
+//! - `kubeproxy_ebpf_service_no_endpoint_rejects_total{service_port_name, protocol, ip_family}`
+//! - `kubeproxy_ebpf_map_entries{map}`
+//! - `kubeproxy_ebpf_map_memory_bytes{map}`
+
+use std::path::Path;
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use ebpf_common::{LAYOUT_VERSION, ServiceCounters, map_names};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use tracing::warn;
+
+use crate::EbpfError;
+use crate::inspect::{MapStats, PinnedMaps};
+use crate::maps::{FakeMaps, LbMaps};
+use crate::names::ServiceNameTable;
+
+const TRANSLATED: &str = "kubeproxy_ebpf_service_connections_translated_total";
+const REJECTS: &str = "kubeproxy_ebpf_service_no_endpoint_rejects_total";
+const MAP_ENTRIES: &str = "kubeproxy_ebpf_map_entries";
+const MAP_MEMORY: &str = "kubeproxy_ebpf_map_memory_bytes";
+const SERVICE_LABELS: [&str; 3] = ["service_port_name", "protocol", "ip_family"];
+
+/// Where the collector reads BPF state from: the pinned maps in production, [`FakeMaps`] in unit tests.
+pub trait BpfStatsSource: Send + Sync {
+    /// The counters of a service id, summed over CPUs.
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError>;
+    /// Entry count and memory of every map.
+    fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError>;
+}
+
+/// The pinned maps, opened read-only by the collector itself (the backend's own handles live in the runner).
+pub struct PinnedStats {
+    counters: PerCpuArray<MapData, ServiceCounters>,
+    maps: PinnedMaps,
+}
+
+impl PinnedStats {
+    /// Opens the pins under `<bpffs_root>/v1/maps/`.
+    pub fn open(bpffs_root: &Path) -> Result<Self, EbpfError> {
+        let path = bpffs_root.join(LAYOUT_VERSION).join("maps").join(map_names::COUNTERS);
+        let err = |op: &'static str| {
+            let key = path.display().to_string();
+            move |source| EbpfError::MapOp { map: map_names::COUNTERS, op, key, source: Box::new(source) }
+        };
+        let data = MapData::from_pin(&path).map_err(err("open pin"))?;
+        let counters = Map::from_map_data(data).and_then(PerCpuArray::try_from).map_err(err("open pin"))?;
+        Ok(PinnedStats { counters, maps: PinnedMaps::open(bpffs_root)? })
+    }
+}
+
+impl BpfStatsSource for PinnedStats {
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
+        let values = self.counters.get(&id, 0).map_err(|source| EbpfError::MapOp {
+            map: map_names::COUNTERS,
+            op: "read",
+            key: id.to_string(),
+            source: Box::new(source),
+        })?;
+        Ok(values.iter().fold(ServiceCounters::default(), |acc, v| ServiceCounters {
+            translated: acc.translated + v.translated,
+            no_endpoints: acc.no_endpoints + v.no_endpoints,
+        }))
+    }
+
+    fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError> {
+        self.maps.stats()
+    }
+}
+
+/// In-memory maps report their entry counts and no memory (there is no kernel object behind them).
+impl BpfStatsSource for FakeMaps {
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
+        self.counters(id)
+    }
+
+    fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError> {
+        let stat = |name: &str, entries: usize| MapStats {
+            name: name.to_string(),
+            map_type: "Fake".into(),
+            id: 0,
+            key_size: 0,
+            value_size: 0,
+            max_entries: 0,
+            entries: entries as u64,
+            memory_bytes: None,
+        };
+        Ok(vec![
+            stat(map_names::SERVICES, self.services.len()),
+            stat(map_names::BACKENDS, self.backends.len()),
+            stat(map_names::REV_NAT, self.rev_nat.len()),
+        ])
+    }
+}
+
+/// Prometheus collector of the eBPF datapath's counters and map statistics, read at scrape time.
+pub struct EbpfCollector {
+    source: Box<dyn BpfStatsSource>,
+    names: ServiceNameTable,
+    /// Empty prototypes: their descriptors are what the registry checks; each scrape fills fresh vectors
+    /// (never these), so concurrent scrapes cannot see each other's values.
+    translated: IntCounterVec,
+    rejects: IntCounterVec,
+    entries: IntGaugeVec,
+    memory: IntGaugeVec,
+}
+
+fn alpha(help: &str) -> String {
+    format!("[ALPHA] {help}")
+}
+
+impl EbpfCollector {
+    /// A collector over `source`, naming service ids through `names`.
+    pub fn new(source: Box<dyn BpfStatsSource>, names: ServiceNameTable) -> Self {
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, alpha(help)), &SERVICE_LABELS).expect("valid counter options")
+        };
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, alpha(help)), &["map"]).expect("valid gauge options")
+        };
+        EbpfCollector {
+            source,
+            names,
+            translated: counter(
+                TRANSLATED,
+                "Cumulative number of connections and unconnected datagrams the eBPF socket load balancer \
+                 translated to a backend of the service port",
+            ),
+            rejects: counter(
+                REJECTS,
+                "Cumulative number of connections and datagrams the eBPF socket load balancer refused \
+                 (ECONNREFUSED) because the service port had no endpoints",
+            ),
+            entries: gauge(MAP_ENTRIES, "Number of entries in the eBPF map (arrays report their fixed size)"),
+            memory: gauge(MAP_MEMORY, "Kernel memory charged to the eBPF map (memlock), in bytes"),
+        }
+    }
+
+    /// A collector over the maps pinned under `bpffs_root`.
+    pub fn from_pins(bpffs_root: &Path, names: ServiceNameTable) -> Result<Self, EbpfError> {
+        Ok(EbpfCollector::new(Box::new(PinnedStats::open(bpffs_root)?), names))
+    }
+
+    /// Registers this collector (convenience for callers that do not depend on `prometheus` themselves).
+    pub fn register(self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self))
+    }
+}
+
+/// An empty vector with the prototype's name, help and labels.
+fn fresh_counter(proto: &IntCounterVec) -> IntCounterVec {
+    let d = proto.desc()[0];
+    IntCounterVec::new(Opts::new(d.fq_name.clone(), d.help.clone()), &SERVICE_LABELS).expect("valid counter options")
+}
+
+/// An empty vector with the prototype's name, help and labels.
+fn fresh_gauge(proto: &IntGaugeVec) -> IntGaugeVec {
+    let d = proto.desc()[0];
+    IntGaugeVec::new(Opts::new(d.fq_name.clone(), d.help.clone()), &["map"]).expect("valid gauge options")
+}
+
+impl Collector for EbpfCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [self.translated.desc(), self.rejects.desc(), self.entries.desc(), self.memory.desc()].concat()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let translated = fresh_counter(&self.translated);
+        let rejects = fresh_counter(&self.rejects);
+        let mut failed = 0usize;
+        for (id, n) in self.names.snapshot() {
+            match self.source.service_counters(id) {
+                Ok(c) => {
+                    let labels = [n.name.as_str(), n.protocol.as_str(), n.family.as_str()];
+                    translated.with_label_values(&labels).inc_by(c.translated);
+                    rejects.with_label_values(&labels).inc_by(c.no_endpoints);
+                }
+                Err(e) => {
+                    // One line per scrape, not per service.
+                    if failed == 0 {
+                        warn!(error = %e, service_id = id, "reading eBPF service counters failed");
+                    }
+                    failed += 1;
+                }
+            }
+        }
+        let entries = fresh_gauge(&self.entries);
+        let memory = fresh_gauge(&self.memory);
+        match self.source.map_stats() {
+            Ok(stats) => {
+                for s in stats {
+                    entries.with_label_values(&[&s.name]).set(i64::try_from(s.entries).unwrap_or(i64::MAX));
+                    if let Some(m) = s.memory_bytes {
+                        memory.with_label_values(&[&s.name]).set(i64::try_from(m).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "reading eBPF map statistics failed"),
+        }
+        let mut out = Vec::with_capacity(4);
+        out.extend(translated.collect());
+        out.extend(rejects.collect());
+        out.extend(entries.collect());
+        out.extend(memory.collect());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ebpf_common::{ServiceKey, ServiceValue};
+    use prometheus::{Encoder, TextEncoder};
+    use proxier::model::{IpFamily, Protocol};
+
+    use super::*;
+    use crate::names::ServiceName;
+
+    fn encode(r: &Registry) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn exposition_format() {
+        let mut maps = FakeMaps::default();
+        maps.services.insert(ServiceKey::default(), ServiceValue::default());
+        maps.counters.insert(3, ServiceCounters { translated: 42, no_endpoints: 2 });
+        let names = ServiceNameTable::from_entries(BTreeMap::from([
+            (3, ServiceName { family: IpFamily::V4, protocol: Protocol::Tcp, name: "default/web:http".into() }),
+            (9, ServiceName { family: IpFamily::V6, protocol: Protocol::Udp, name: "kube-system/dns".into() }),
+        ]));
+        let registry = Registry::new();
+        EbpfCollector::new(Box::new(maps), names.clone()).register(&registry).unwrap();
+        let expected = "\
+# HELP kubeproxy_ebpf_map_entries [ALPHA] Number of entries in the eBPF map (arrays report their fixed size)
+# TYPE kubeproxy_ebpf_map_entries gauge
+kubeproxy_ebpf_map_entries{map=\"KP_BACKENDS\"} 0
+kubeproxy_ebpf_map_entries{map=\"KP_REV_NAT\"} 0
+kubeproxy_ebpf_map_entries{map=\"KP_SERVICES\"} 1
+# HELP kubeproxy_ebpf_service_connections_translated_total [ALPHA] Cumulative number of connections and unconnected datagrams the eBPF socket load balancer translated to a backend of the service port
+# TYPE kubeproxy_ebpf_service_connections_translated_total counter
+kubeproxy_ebpf_service_connections_translated_total{ip_family=\"IPv4\",protocol=\"TCP\",service_port_name=\"default/web:http\"} 42
+kubeproxy_ebpf_service_connections_translated_total{ip_family=\"IPv6\",protocol=\"UDP\",service_port_name=\"kube-system/dns\"} 0
+# HELP kubeproxy_ebpf_service_no_endpoint_rejects_total [ALPHA] Cumulative number of connections and datagrams the eBPF socket load balancer refused (ECONNREFUSED) because the service port had no endpoints
+# TYPE kubeproxy_ebpf_service_no_endpoint_rejects_total counter
+kubeproxy_ebpf_service_no_endpoint_rejects_total{ip_family=\"IPv4\",protocol=\"TCP\",service_port_name=\"default/web:http\"} 2
+kubeproxy_ebpf_service_no_endpoint_rejects_total{ip_family=\"IPv6\",protocol=\"UDP\",service_port_name=\"kube-system/dns\"} 0
+";
+        assert_eq!(encode(&registry), expected);
+
+        // A service removed from the table disappears from the next scrape (no stale series).
+        let mut m = names.snapshot();
+        m.remove(&9);
+        *names.write() = m;
+        let out = encode(&registry);
+        assert!(!out.contains("kube-system/dns"), "{out}");
+        assert!(out.contains("service_port_name=\"default/web:http\"} 42"), "{out}");
+    }
+}
