@@ -111,9 +111,9 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let backends::BuiltBackend { backend, ebpf_metrics } = backends::build(&run)?;
-    let families = backend.families().to_vec();
     let metrics = Metrics::new(mode);
+    let backends::BuiltBackend { backend, ebpf_metrics } = backends::build(&run, &metrics)?;
+    let families = backend.families().to_vec();
     if let Some(c) = ebpf_metrics
         && let Err(e) = c.register(metrics.registry())
     {

@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use proxier::backend::Backend;
+use proxier::metrics::Metrics;
 use proxier::model::IpFamily;
 use proxier::record::RecordingBackend;
 
@@ -59,8 +62,8 @@ impl BuiltBackend {
     }
 }
 
-/// Builds the backend for the configured mode.
-pub fn build(run: &ProxyRunConfig) -> Result<BuiltBackend, BackendInitError> {
+/// Builds the backend for the configured mode; backends record their own metrics into `metrics`.
+pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBackend, BackendInitError> {
     if let Some(spec) = std::env::var_os(TEST_BACKEND_ENV) {
         let spec = spec.to_string_lossy().into_owned();
         let path = spec.strip_prefix("record:").ok_or_else(|| BackendInitError::BadTestBackend(spec.clone()))?;
@@ -88,8 +91,58 @@ pub fn build(run: &ProxyRunConfig) -> Result<BuiltBackend, BackendInitError> {
             };
             Ok(BuiltBackend { backend: Box::new(backend), ebpf_metrics })
         }
+        ProxyMode::Iptables => {
+            // Migration (upstream platformCleanup): our eBPF programs and pins, and the ipvs/nftables modes'
+            // leftovers, would handle packets before or beside our rules. Best-effort, as upstream.
+            match crate::app::cgroup_root(run.cgroup_root.as_ref()) {
+                Ok(cg) => {
+                    if let Err(e) = proxy_ebpf::EbpfBackend::cleanup_all(&run.bpffs_root, &cg) {
+                        tracing::warn!(error = %e, "Removing eBPF leftovers failed; continuing");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "No cgroup2 root; skipping eBPF leftover cleanup"),
+            }
+            let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
+            if let Err(e) = proxy_iptables::cleanup_for_mode(&ipt, proxy_iptables::ProxyMode::Iptables) {
+                tracing::warn!(error = %e, "Cleaning up other proxy modes' rules failed; continuing");
+            }
+            let mut opts = iptables_options(run)?;
+            opts.metrics = Some(metrics.clone());
+            Ok(BuiltBackend::plain(Box::new(proxy_iptables::IptablesBackend::new(opts)?)))
+        }
         other => Err(BackendInitError::NotBuilt(mode_name(other))),
     }
+}
+
+/// The iptables backend's options from the effective configuration.
+fn iptables_options(run: &ProxyRunConfig) -> Result<proxy_iptables::IptablesOptions, BackendInitError> {
+    use crate::config::LocalMode;
+    use proxy_iptables::LocalDetectorConfig;
+    let c = &run.config;
+    let local_detector = match c.local_mode() {
+        Some(LocalMode::ClusterCidr) => {
+            let cidrs = c.cluster_cidrs().map_err(|e| BackendInitError::Setup(e.into()))?;
+            if cidrs.is_empty() { LocalDetectorConfig::None } else { LocalDetectorConfig::ClusterCidr(cidrs) }
+        }
+        Some(LocalMode::NodeCidr) => LocalDetectorConfig::NodeCidr,
+        Some(LocalMode::BridgeInterface) => {
+            LocalDetectorConfig::BridgeInterface(c.detect_local.bridge_interface.clone())
+        }
+        Some(LocalMode::InterfaceNamePrefix) => {
+            LocalDetectorConfig::InterfaceNamePrefix(c.detect_local.interface_name_prefix.clone())
+        }
+        None => LocalDetectorConfig::None,
+    };
+    let mut o = proxy_iptables::IptablesOptions::new(run.hostname.clone());
+    o.masquerade_all = run.masquerade_all();
+    o.masquerade_bit = u32::try_from(run.masquerade_bit()).unwrap_or(14);
+    o.local_detector = local_detector;
+    o.node_port_addresses = proxy_iptables::NodePortAddresses::parse(&c.effective_node_port_addresses())
+        .map_err(|e| BackendInitError::Setup(anyhow::anyhow!(e)))?;
+    o.localhost_nodeports = c.iptables.localhost_node_ports.unwrap_or(true);
+    // Upstream checks its canary every syncPeriod.
+    o.canary_check_interval = run.sync_period();
+    Ok(o)
 }
 
 /// `--cleanup`: removes what any of our backends, and upstream's modes, may have left on this node

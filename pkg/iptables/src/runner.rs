@@ -407,6 +407,45 @@ impl Iptables {
         }
     }
 
+    /// The plain command's name (e.g. `ip6tables`, `iptables-legacy`).
+    pub fn program(&self) -> String {
+        let base = match self.family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        match self.variant {
+            Variant::Default => base.to_string(),
+            Variant::Legacy => format!("{base}-legacy"),
+            Variant::Nft => format!("{base}-nft"),
+        }
+    }
+
+    /// Whether `chain` exists in `table` (upstream `ChainExists`: `iptables -w -t T -n -L CHAIN`). Exit status 1
+    /// means it does not; any other failure is an error (e.g. the xtables lock could not be had).
+    pub fn chain_exists(&self, table: Table, chain: &str) -> Result<bool, Error> {
+        let program = self.program();
+        let wait = self.wait_seconds.to_string();
+        let interval = DEFAULT_WAIT_INTERVAL_USECS.to_string();
+        let args = ["-w", &wait, "-W", &interval, "-t", table.as_str(), "-n", "-L", chain];
+        let out = self.exec.run(&program, &args, None)?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(Error::Failed {
+                command: self.exec.command_line(&program, &args),
+                table: Some(table.to_string()),
+                status: out.status,
+                stderr: out.stderr.trim().to_string(),
+            }),
+        }
+    }
+
+    /// The iptables version (`major.minor.patch`) the restore program reports, if it can be read.
+    pub fn version(&self) -> Option<(u32, u32, u32)> {
+        let out = self.exec.run_ok(&self.restore_program(), &["--version"], None).ok()?;
+        parse_version(&out)
+    }
+
     /// The save program's name (e.g. `ip6tables-save`).
     pub fn save_program(&self) -> String {
         self.binary("save")
@@ -471,6 +510,13 @@ impl Iptables {
         let stderr = out.stderr.trim().to_string();
         Err(restore_error(command, input, out.status, stderr))
     }
+}
+
+/// Parses `vX.Y.Z` out of an iptables `--version` line.
+pub(crate) fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
 }
 
 /// Builds the error for a failed restore, mapping the line number iptables-restore printed back to its text.
@@ -586,7 +632,16 @@ mod tests {
     }
 
     #[test]
+    fn versions() {
+        assert_eq!(parse_version("iptables-restore v1.8.9 (nf_tables)"), Some((1, 8, 9)));
+        assert_eq!(parse_version("iptables v1.6"), Some((1, 6, 0)));
+        assert_eq!(parse_version("nope"), None);
+    }
+
+    #[test]
     fn binaries_per_family_and_variant() {
+        assert_eq!(Iptables::new(IpFamily::V6).program(), "ip6tables");
+        assert_eq!(Iptables::new(IpFamily::V4).with_variant(Variant::Legacy).program(), "iptables-legacy");
         let v4 = Iptables::new(IpFamily::V4);
         assert_eq!((v4.save_program(), v4.restore_program()), ("iptables-save".into(), "iptables-restore".into()));
         let v6 = v4.for_family(IpFamily::V6).with_variant(Variant::Legacy);

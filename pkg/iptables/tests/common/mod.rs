@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
