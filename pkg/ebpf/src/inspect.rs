@@ -432,20 +432,10 @@ mod tests {
         Changes, Endpoint, IpFamily, Protocol, SelectedEndpoints, ServicePortInfo, ServicePortName, ServicePortState,
         Snapshot,
     };
-    use std::collections::BTreeSet;
     use std::sync::Arc;
 
     fn ep(a: &str, local: bool) -> Endpoint {
-        Endpoint {
-            ip: a.parse().unwrap(),
-            port: 8080,
-            ready: true,
-            serving: true,
-            terminating: false,
-            is_local: local,
-            zone_hints: BTreeSet::new(),
-            node_hints: BTreeSet::new(),
-        }
+        Endpoint { is_local: local, ..Endpoint::new(a.parse().unwrap(), 8080) }
     }
 
     fn svc(
@@ -455,19 +445,7 @@ mod tests {
         eps: Vec<Endpoint>,
         f: impl FnOnce(&mut ServicePortInfo),
     ) -> ServicePortState {
-        let mut info = ServicePortInfo {
-            cluster_ip: cip.parse().unwrap(),
-            port,
-            protocol: proto,
-            node_port: 0,
-            session_affinity_timeout: None,
-            external_ips: vec![],
-            load_balancer_vips: vec![],
-            load_balancer_source_ranges: vec![],
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: 0,
-        };
+        let mut info = ServicePortInfo::new(cip.parse().unwrap(), port, proto);
         f(&mut info);
         let local: Vec<Endpoint> = eps.iter().filter(|e| e.is_local).cloned().collect();
         ServicePortState {

@@ -177,6 +177,23 @@ pub struct ServicePortInfo {
 }
 
 impl ServicePortInfo {
+    /// A plain ClusterIP port: no NodePort, affinity, external addresses, source ranges or Local policies.
+    pub fn new(cluster_ip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        ServicePortInfo {
+            cluster_ip,
+            port,
+            protocol,
+            node_port: 0,
+            session_affinity_timeout: None,
+            external_ips: vec![],
+            load_balancer_vips: vec![],
+            load_balancer_source_ranges: vec![],
+            external_policy_local: false,
+            internal_policy_local: false,
+            health_check_node_port: 0,
+        }
+    }
+
     /// Reachable from outside the cluster: NodePort, LoadBalancer IPs or ExternalIPs.
     pub fn externally_accessible(&self) -> bool {
         self.node_port != 0 || !self.load_balancer_vips.is_empty() || !self.external_ips.is_empty()
@@ -220,6 +237,20 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A ready, serving, non-terminating endpoint on another node, without hints.
+    pub fn new(ip: IpAddr, port: u16) -> Self {
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: BTreeSet::new(),
+            node_hints: BTreeSet::new(),
+        }
+    }
+
     /// `ip:port`, with brackets for IPv6: the sort key and identity upstream uses.
     pub fn addr_string(&self) -> String {
         std::net::SocketAddr::new(self.ip, self.port).to_string()

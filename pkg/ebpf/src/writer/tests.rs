@@ -1,6 +1,5 @@
 //! Writer logic against in-memory maps: update order, partial vs full syncs, adoption.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -20,32 +19,11 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn ep(addr: &str, port: u16, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip(addr),
-        port,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
-    }
+    Endpoint { is_local: local, ..Endpoint::new(ip(addr), port) }
 }
 
 fn info(cluster_ip: &str, port: u16) -> ServicePortInfo {
-    ServicePortInfo {
-        cluster_ip: ip(cluster_ip),
-        port,
-        protocol: Protocol::Tcp,
-        node_port: 0,
-        session_affinity_timeout: None,
-        external_ips: vec![],
-        load_balancer_vips: vec![],
-        load_balancer_source_ranges: vec![],
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: 0,
-    }
+    ServicePortInfo::new(ip(cluster_ip), port, Protocol::Tcp)
 }
 
 fn state(info: ServicePortInfo, eps: Vec<Endpoint>) -> ServicePortState {

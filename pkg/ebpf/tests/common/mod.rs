@@ -7,7 +7,6 @@
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -240,16 +239,7 @@ pub fn peer_of(line: &str) -> Option<&str> {
 }
 
 pub fn ep(addr: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: addr.parse().unwrap(),
-        port: 8080,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
-    }
+    Endpoint { is_local: local, ..Endpoint::new(addr.parse().unwrap(), 8080) }
 }
 
 pub fn svc(
@@ -259,19 +249,7 @@ pub fn svc(
     eps: Vec<Endpoint>,
     tweak: impl FnOnce(&mut ServicePortInfo),
 ) -> ServicePortState {
-    let mut info = ServicePortInfo {
-        cluster_ip: cluster_ip.parse().unwrap(),
-        port,
-        protocol,
-        node_port: 0,
-        session_affinity_timeout: None,
-        external_ips: vec![],
-        load_balancer_vips: vec![],
-        load_balancer_source_ranges: vec![],
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: 0,
-    };
+    let mut info = ServicePortInfo::new(cluster_ip.parse().unwrap(), port, protocol);
     tweak(&mut info);
     let local: Vec<Endpoint> = eps.iter().filter(|e| e.is_local).cloned().collect();
     let cluster = if info.internal_policy_local && info.node_port == 0 { vec![] } else { eps.clone() };

@@ -20,16 +20,7 @@ pub fn net(s: &str) -> IpNet {
 
 /// A ready, serving endpoint; `local` puts it on this node.
 pub fn ep(addr: &str, port: u16, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip(addr),
-        port,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-    }
+    Endpoint { is_local: local, ..Endpoint::new(ip(addr), port) }
 }
 
 /// A terminating endpoint that still serves.
@@ -48,19 +39,7 @@ pub struct Svc {
 pub fn svc(ns: &str, name: &str, port_name: &str, proto: Protocol, cluster_ip: &str, port: u16) -> Svc {
     Svc {
         name: ServicePortName::new(ns, name, port_name, proto),
-        info: ServicePortInfo {
-            cluster_ip: ip(cluster_ip),
-            port,
-            protocol: proto,
-            node_port: 0,
-            session_affinity_timeout: None,
-            external_ips: vec![],
-            load_balancer_vips: vec![],
-            load_balancer_source_ranges: vec![],
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: 0,
-        },
+        info: ServicePortInfo::new(ip(cluster_ip), port, proto),
         endpoints: vec![],
     }
 }
