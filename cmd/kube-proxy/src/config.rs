@@ -273,24 +273,7 @@ fn de_time_or_meta_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Resul
     }
 }
 
-/// Quotes like Go's `%q` for a string: double quotes, with `"` and `\` and control characters escaped.
-pub fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
+pub use proxier::gofmt::go_quote;
 
 /// Formats a list of strings like Go's `%q` of a `[]string`: `["a" "b"]`.
 pub fn go_quote_list(items: &[String]) -> String {

@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use hyper::StatusCode;
 use thiserror::Error;
@@ -144,41 +144,8 @@ const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// Formats `t` in UTC like Go's `time.RFC3339Nano`: the fraction has up to nine digits with trailing zeros
 /// removed, and no dot at all when it is zero (`2026-07-21T09:59:58.1Z`, `2026-07-21T10:00:00Z`).
 pub fn go_rfc3339_nano(t: SystemTime) -> String {
-    let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
-        Err(e) => {
-            // Before 1970: borrow a second so the fraction stays positive.
-            let d = e.duration();
-            let s = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            if d.subsec_nanos() == 0 { (s, 0) } else { (s - 1, 1_000_000_000 - d.subsec_nanos()) }
-        }
-    };
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let mut out = format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", sod / 3600, sod % 3600 / 60, sod % 60);
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    // Both are small and positive by construction.
-    (year, month as u32, day as u32)
+    // jiff prints the shortest exact fraction, which is what Go's RFC3339Nano layout does.
+    k8s_openapi::jiff::Timestamp::try_from(t).map(|ts| ts.to_string()).unwrap_or_else(|_| GO_ZERO_TIME.to_string())
 }
 
 #[derive(Debug, Default)]

@@ -7,7 +7,6 @@
 //! call that caused them, and served by tasks spawned on a tokio runtime [`Handle`].
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::time::Duration;
@@ -294,52 +293,12 @@ fn service_response(nsn: &NamespacedName, count: usize, proxy_healthy: bool) -> 
     let status = if count != 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
-        go_quote(&nsn.namespace),
-        go_quote(&nsn.name),
+        crate::gofmt::go_quote(&nsn.namespace),
+        crate::gofmt::go_quote(&nsn.name),
         count,
         proxy_healthy
     );
     let mut resp = response(status, "application/json", body);
     resp.headers_mut().insert(ENDPOINT_WEIGHT_HEADER, HeaderValue::from(count));
     resp
-}
-
-/// Go's `%q` (`strconv.Quote`) for the strings we print: double quotes, backslash escapes for quotes,
-/// backslashes and control characters.
-fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{7}' => out.push_str("\\a"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{b}' => out.push_str("\\v"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn go_quote_escapes_like_strconv_quote() {
-        assert_eq!(go_quote("default"), "\"default\"");
-        assert_eq!(go_quote("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\x01\"");
-    }
 }
