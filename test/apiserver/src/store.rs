@@ -552,7 +552,10 @@ fn suffix(mut n: u64) -> String {
 
 /// Current time as RFC 3339 with second precision, the format of `metav1.Time`.
 pub(crate) fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    // From SystemTime: jiff's own clock needs a feature k8s-openapi does not always enable.
+    k8s_openapi::jiff::Timestamp::try_from(SystemTime::now())
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
 }
 
 #[cfg(test)]

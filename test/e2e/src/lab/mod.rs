@@ -45,6 +45,11 @@ pub const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const EXTERNAL_IP4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 /// See [`EXTERNAL_IP4`].
 pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x200);
+/// Where ClusterIPs (and the scenarios' ExternalIPs and LoadBalancer IPs) come from; nodes route it to the
+/// bridge namespace.
+pub const SERVICE_RANGE4: &str = "198.19.0.0/16";
+/// See [`SERVICE_RANGE4`].
+pub const SERVICE_RANGE6: &str = "2001:db8:19::/64";
 /// kube-proxy's health port on each node's underlay address.
 pub const HEALTHZ_PORT: u16 = 10256;
 /// kube-proxy's metrics port on each node's underlay address.
@@ -540,11 +545,29 @@ impl Lab {
         self.addrs(&n.netns, "cbr0", IpAddr::V4(n.gw4), 24, IpAddr::V6(n.gw6), 64)?;
         ip(&["-n", &n.netns, "link", "set", "cbr0", "up"])?;
         self.sysctl(&n.netns, &["net.ipv4.ip_forward=1"])?;
+        // A real node routes Service addresses somewhere (its default route): netfilter backends translate
+        // a node process's packet only after the route lookup in connect() succeeded. The lab's stand-in is
+        // the bridge namespace, which forwards nothing, so an untranslated packet still dies inside the lab.
+        ip(&["-n", &n.netns, "route", "add", SERVICE_RANGE4, "via", &API_IP.to_string()])?;
+        if self.cfg.ipv6 {
+            ip(&["-n", &n.netns, "-6", "route", "add", SERVICE_RANGE6, "via", "2001:db8::1"])?;
+        }
         if self.cfg.ipv6 {
             self.sysctl(&n.netns, &["net.ipv6.conf.all.forwarding=1"])?;
         }
+        if self.netfilter_datapath() {
+            // Like a real node (kubeadm's preflight requires it): bridged pod-to-pod packets pass through
+            // iptables, so a reply from a same-node backend is un-DNATed by conntrack instead of reaching the
+            // client with the backend's address. Per network namespace, so only this node's is touched.
+            self.sysctl(&n.netns, &["net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1"])?;
+        }
         std::fs::create_dir(&n.cgroup).with_context(|| format!("mkdir {}", n.cgroup.display()))?;
         Ok(())
+    }
+
+    /// Whether the backend translates packets in netfilter (iptables, ipvs, nftables) rather than sockets.
+    fn netfilter_datapath(&self) -> bool {
+        self.cfg.mode != "ebpf"
     }
 
     fn build_pod(&mut self, k: usize) -> Result<()> {
@@ -554,6 +577,11 @@ impl Lab {
         let port = format!("vp{k}");
         ip(&["-n", &node.netns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
         ip(&["-n", &node.netns, "link", "set", &port, "master", "cbr0", "up"])?;
+        if self.netfilter_datapath() {
+            // What the CNI bridge plugin's hairpinMode (kubelet's hairpin-veth) does: with br_netfilter, a pod
+            // reaching itself through a Service is DNATed while bridged and must leave by the port it came in.
+            ip(&["-n", &node.netns, "link", "set", &port, "type", "bridge_slave", "hairpin", "on"])?;
+        }
         self.addrs(&p.netns, "eth0", IpAddr::V4(p.ip4), 24, IpAddr::V6(p.ip6), 64)?;
         ip(&["-n", &p.netns, "link", "set", "eth0", "up"])?;
         // The default route leads to the node, which has no route off the machine.
@@ -734,6 +762,16 @@ impl Lab {
         self.spawn(cmd, &self.enter(&place)?).with_context(|| format!("lab-client at {place:?}"))
     }
 
+    /// Starts `program args` at `place` in the background (stdout/stderr piped; collect with
+    /// [`LabChild::finish`], SIGKILLed when dropped). For servers such as `iperf3 -s`, and for probes that
+    /// must already run when an API write happens.
+    pub fn spawn_in(&self, place: impl Into<Place>, program: &Path, args: &[String]) -> Result<LabChild> {
+        let place = place.into();
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.spawn(cmd, &self.enter(&place)?).with_context(|| format!("{} at {place:?}", program.display()))
+    }
+
     /// Runs `lab-client args` at `place`, bounded by `timeout`; fails when it exits non-zero.
     pub fn client(&self, place: impl Into<Place>, args: &[String], timeout: Duration) -> Result<String> {
         let place = place.into();
@@ -858,6 +896,22 @@ impl Lab {
         self.stop_proxy(i)?;
         self.start_proxy(i)?;
         self.wait_proxy_healthy(i, PROXY_READY)
+    }
+
+    /// Runs node `i`'s `kube-proxy --cleanup` in the node's namespace (the same command teardown runs):
+    /// removes what its backend programmed (programs, pins, rules), so the next start is a cold one. Stop the
+    /// proxy first.
+    pub fn cleanup_proxy(&self, i: usize) -> Result<()> {
+        let n = self.node(i)?;
+        let mut args = self.proxy_args(i);
+        args.retain(|a| !a.starts_with("--kubeconfig") && !a.starts_with("--healthz") && !a.starts_with("--metrics"));
+        args.push("--cleanup".into());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let enter = Enter { netns: Some(netns_path(&n.netns)), cgroup: None };
+        let bin = self.bins.kube_proxy.to_string_lossy().into_owned();
+        sys::run_checked(Some(&self.spawner), &enter, &bin, &refs)
+            .with_context(|| format!("kube-proxy --cleanup in netns {}", n.netns))?;
+        Ok(())
     }
 
     /// Whether node `i`'s kube-proxy runs.
