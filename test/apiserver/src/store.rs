@@ -552,8 +552,9 @@ fn suffix(mut n: u64) -> String {
 
 /// Current time as RFC 3339 with second precision, the format of `metav1.Time`.
 pub(crate) fn now_rfc3339() -> String {
-    // From SystemTime: jiff's own clock needs a feature k8s-openapi does not always enable.
-    k8s_openapi::jiff::Timestamp::try_from(SystemTime::now())
+    // Via Unix seconds: jiff's SystemTime support needs a feature k8s-openapi does not always enable.
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
 }

@@ -144,8 +144,13 @@ const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// Formats `t` in UTC like Go's `time.RFC3339Nano`: the fraction has up to nine digits with trailing zeros
 /// removed, and no dot at all when it is zero (`2026-07-21T09:59:58.1Z`, `2026-07-21T10:00:00Z`).
 pub fn go_rfc3339_nano(t: SystemTime) -> String {
-    // jiff prints the shortest exact fraction, which is what Go's RFC3339Nano layout does.
-    k8s_openapi::jiff::Timestamp::try_from(t).map(|ts| ts.to_string()).unwrap_or_else(|_| GO_ZERO_TIME.to_string())
+    // jiff prints the shortest exact fraction, which is what Go's RFC3339Nano layout does. Built from Unix
+    // seconds and nanoseconds: jiff's SystemTime conversion needs a feature k8s-openapi may not enable.
+    let (secs, nanos) = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i32),
+        Err(e) => (-(e.duration().as_secs() as i64), -(e.duration().subsec_nanos() as i32)),
+    };
+    k8s_openapi::jiff::Timestamp::new(secs, nanos).map(|ts| ts.to_string()).unwrap_or_else(|_| GO_ZERO_TIME.to_string())
 }
 
 #[derive(Debug, Default)]
