@@ -250,7 +250,7 @@ fn tcp_hold(target: SocketAddr, duration: Duration, interval: Duration, c: &Comm
 fn churn(targets: &[SocketAddr], duration: Duration, c: &Common) {
     let start = Instant::now();
     let timeout = Duration::from_millis(c.timeout_ms);
-    let (mut ok, mut failed) = (0u64, 0u64);
+    let (mut ok, mut failed, mut slow) = (0u64, 0u64, 0u64);
     let mut errnos: BTreeMap<String, u64> = BTreeMap::new();
     let mut pods: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_failure = Value::Null;
@@ -260,6 +260,10 @@ fn churn(targets: &[SocketAddr], duration: Duration, c: &Common) {
         i += 1;
         if v["ok"] == true {
             ok += 1;
+            // A connect that needed a SYN retransmit (the first RTO is 1 s) succeeded, but late: count it.
+            if v["connect_us"].as_u64().unwrap_or(0) >= 900_000 {
+                slow += 1;
+            }
             *pods.entry(pod_of(v["reply"].as_str().unwrap_or(""))).or_insert(0) += 1;
         } else {
             failed += 1;
@@ -272,7 +276,7 @@ fn churn(targets: &[SocketAddr], duration: Duration, c: &Common) {
     }
     emit(
         &mut std::io::stdout().lock(),
-        &json!({"kind": "summary", "ok": ok, "failed": failed, "errnos": errnos,
+        &json!({"kind": "summary", "ok": ok, "failed": failed, "slow": slow, "errnos": errnos,
         "pods": pods, "first_failure": first_failure, "duration_ms": start.elapsed().as_millis() as u64}),
     );
 }
