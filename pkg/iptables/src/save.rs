@@ -111,6 +111,8 @@ impl Ruleset {
         let mut tables: Vec<TableDump> = Vec::new();
         // Index of the table being read; None between COMMIT and the next `*table`.
         let mut current: Option<usize> = None;
+        // Chain name -> position in the current table: tens of thousands of chains make linear lookups quadratic.
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for (idx, raw) in text.lines().enumerate() {
             let lineno = idx + 1;
             let bad = |reason: &str| Error::Parse { line: lineno, text: raw.to_string(), reason: reason.to_string() };
@@ -124,6 +126,7 @@ impl Ruleset {
                 }
                 tables.push(TableDump { name: name.trim().to_string(), chains: Vec::new() });
                 current = Some(tables.len() - 1);
+                index.clear();
                 continue;
             }
             let Some(ti) = current else {
@@ -136,7 +139,7 @@ impl Ruleset {
                 let mut parts = decl.split_whitespace();
                 let name = parts.next().ok_or_else(|| bad("chain declaration without a name"))?;
                 let policy = parts.next().ok_or_else(|| bad("chain declaration without a policy"))?;
-                if table.has_chain(name) {
+                if index.insert(name.to_string(), table.chains.len()).is_some() {
                     return Err(bad("chain declared twice"));
                 }
                 table.chains.push(ChainDump {
@@ -156,11 +159,8 @@ impl Ruleset {
                     None => (rest.trim(), ""),
                 };
                 let args = split_args(spec).map_err(bad)?;
-                let chain_dump = table
-                    .chains
-                    .iter_mut()
-                    .find(|c| c.name == chain)
-                    .ok_or_else(|| bad("rule appended to an undeclared chain"))?;
+                let at = *index.get(chain).ok_or_else(|| bad("rule appended to an undeclared chain"))?;
+                let chain_dump = &mut table.chains[at];
                 chain_dump.rules.push(Rule { chain: chain.to_string(), spec: spec.to_string(), args });
             }
         }
