@@ -79,7 +79,10 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
                 tracing::warn!(error = %e, "Cleaning up other proxy modes' rules failed; continuing");
             }
             let cgroup_root = crate::app::cgroup_root(run.cgroup_root.as_ref()).map_err(BackendInitError::Setup)?;
-            let opts = proxy_ebpf::EbpfOptions::new(cgroup_root, &run.bpffs_root, IpFamily::ALL.to_vec());
+            let mut opts = proxy_ebpf::EbpfOptions::new(cgroup_root, &run.bpffs_root, IpFamily::ALL.to_vec());
+            if let Some(entries) = bpf_conntrack_entries(run) {
+                opts.ct_max_entries = entries;
+            }
             let backend = proxy_ebpf::EbpfBackend::new(opts).map_err(|e| BackendInitError::Setup(e.into()))?;
             // Opened before the backend moves into the runner thread; it holds its own map handles.
             let ebpf_metrics = match backend.metrics_collector() {
@@ -112,6 +115,18 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
         }
         other => Err(BackendInitError::NotBuilt(mode_name(other))),
     }
+}
+
+/// Sizes the BPF conntrack map the way upstream sizes `nf_conntrack_max`: `max(maxPerCore × CPUs, min)` flows,
+/// two map entries per flow; `None` (keep the default) when `maxPerCore` is 0, as upstream leaves the limit alone.
+fn bpf_conntrack_entries(run: &ProxyRunConfig) -> Option<u32> {
+    let ct = &run.config.conntrack;
+    let per_core = u64::try_from(ct.max_per_core.unwrap_or(32768)).ok().filter(|n| *n > 0)?;
+    let min = u64::try_from(ct.min.unwrap_or(131072)).unwrap_or(0);
+    // Upstream counts the CPUs of the process's cpuset; available_parallelism honours it too.
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let flows = (per_core * cpus).max(min);
+    Some(u32::try_from(flows * 2).unwrap_or(u32::MAX))
 }
 
 /// The iptables backend's options from the effective configuration.

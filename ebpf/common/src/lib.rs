@@ -28,9 +28,20 @@ pub mod map_names {
     pub const AFFINITY: &str = "KP_AFFINITY";
     /// Per-CPU counters indexed by service id: [`super::ServiceCounters`].
     pub const COUNTERS: &str = "KP_COUNTERS";
+    /// Per-packet conntrack and NAT (LRU): [`super::CtKey`] → [`super::CtValue`]; one forward and one
+    /// reply entry per flow.
+    pub const CT: &str = "KP_CT";
+    /// Node addresses of the devices the tc programs run on: [`super::NodeAddrKey`] → [`super::Addr`]
+    /// (the SNAT source for remote backends).
+    pub const NODE_ADDRS: &str = "KP_NODE_ADDRS";
+    /// `loadBalancerSourceRanges` (LPM trie): [`super::SrcRangeKey`] (behind aya's prefix length) → `u8`.
+    pub const SRC_RANGES: &str = "KP_SRC_RANGES";
+    /// Per-CPU datapath counters of the tc programs, indexed by `super::dp_counter::*`: `u64`.
+    pub const DP_COUNTERS: &str = "KP_DP_COUNTERS";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, AFFINITY, COUNTERS];
+    pub const ALL: [&str; 10] =
+        [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, AFFINITY, COUNTERS, CT, NODE_ADDRS, SRC_RANGES, DP_COUNTERS];
 }
 
 /// Program (function) names in the object file, with the attach hook each implements.
@@ -52,8 +63,15 @@ pub mod program_names {
     /// `cgroup/getpeername6`.
     pub const GETPEERNAME6: &str = "kp_getpeername6";
 
-    /// Every program.
+    /// Every cgroup `sock_addr` program (the tc programs are listed in [`TC_ALL`]).
     pub const ALL: [&str; 8] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+
+    /// tc ingress of node devices: NodePort / ExternalIP / LoadBalancer DNAT (+ SNAT), reply un-SNAT.
+    pub const TC_INGRESS: &str = "kp_tc_ingress";
+    /// tc egress of node devices: reverse translation of replies from local backends.
+    pub const TC_EGRESS: &str = "kp_tc_egress";
+    /// Every tc program.
+    pub const TC_ALL: [&str; 2] = [TC_INGRESS, TC_EGRESS];
 }
 
 /// Maximum entries of [`map_names::SERVICES`] (frontends × (backends + 1) × scopes).
@@ -69,6 +87,24 @@ pub const MAX_SERVICE_ID: u32 = REV_NAT_MAX_ENTRIES - 1;
 pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262144;
 /// Maximum entries of [`map_names::AFFINITY`].
 pub const AFFINITY_MAX_ENTRIES: u32 = 65536;
+
+/// Default maximum entries of [`map_names::CT`]: two entries per flow, so 131072 flows — kube-proxy's
+/// minimum `nf_conntrack_max` (32768 per core, at least 131072). Userspace may override it at load time.
+pub const CT_MAX_ENTRIES: u32 = 262144;
+/// Maximum entries of [`map_names::NODE_ADDRS`] (devices × families).
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 256;
+/// Maximum entries of [`map_names::SRC_RANGES`] (Cilium's default is 64k).
+pub const SRC_RANGES_MAX_ENTRIES: u32 = 65536;
+
+/// SNAT source ports for remote backends: `SNAT_PORT_MIN..=SNAT_PORT_MAX`. Above the NodePort range
+/// (30000–32767) like Cilium's `NODEPORT_PORT_MAX + 1`, but also above Linux's default ephemeral range
+/// (`ip_local_port_range` 32768–60999), so a NAT'ed flow never shares a tuple with a local socket's
+/// connection to the same backend. Uniqueness is per (node address, backend, protocol).
+pub const SNAT_PORT_MIN: u16 = 61000;
+/// See [`SNAT_PORT_MIN`].
+pub const SNAT_PORT_MAX: u16 = 65535;
+/// Random probes for a free SNAT port before the flow is dropped (and counted).
+pub const SNAT_PORT_RETRIES: u32 = 16;
 
 /// Scope of a service entry: the cluster-wide set of backends (also the lookup point of every frontend).
 pub const SCOPE_EXT: u8 = 0;
@@ -88,6 +124,13 @@ pub const SVC_FLAG_NODE_PORT: u8 = 1 << 3;
 pub const SVC_FLAG_EXTERNAL_IP: u8 = 1 << 4;
 /// Master flag: the frontend is a LoadBalancer ingress IP.
 pub const SVC_FLAG_LOAD_BALANCER: u8 = 1 << 5;
+
+/// Master flag: `loadBalancerSourceRanges` apply; the client must match a [`map_names::SRC_RANGES`] entry
+/// of the service id (only set on LoadBalancer frontends, as upstream).
+pub const SVC_FLAG_SOURCE_RANGE: u8 = 1 << 6;
+
+/// Backend flag: the endpoint runs on this node (reached without SNAT from the tc programs).
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// IANA protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
@@ -161,7 +204,7 @@ pub struct BackendValue {
     pub port: u16,
     /// IANA protocol number.
     pub proto: u8,
-    /// Reserved for backend state (terminating, …); zero for now.
+    /// `BACKEND_FLAG_*` bits (e.g. [`BACKEND_FLAG_LOCAL`]).
     pub flags: u8,
     /// The service this backend belongs to: backend ids are per service, so an affinity entry can be
     /// checked against the service it was made for.
@@ -245,6 +288,161 @@ pub struct ServiceCounters {
     pub no_endpoints: u64,
 }
 
+/// [`CtKey::dir`]: a packet from the client towards the frontend (first seen on tc ingress).
+pub const CT_DIR_FWD: u8 = 0;
+/// [`CtKey::dir`]: a packet from the backend towards the client (or towards the SNAT address).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// [`CtValue::flags`]: the flow is source-NATed to a node address (forward packets are redirected after
+/// a FIB lookup instead of being routed by the stack, which would drop a local source as martian).
+pub const CT_F_SNAT: u8 = 1 << 0;
+/// [`CtValue::flags`]: a packet hit this entry after it was created (for a reply entry: the backend
+/// answered, so a TCP flow is established).
+pub const CT_F_SEEN: u8 = 1 << 1;
+/// [`CtValue::flags`]: a TCP FIN or RST went through in this direction.
+pub const CT_F_CLOSING: u8 = 1 << 2;
+
+/// Conntrack lifetimes (seconds) applied by the userspace GC, Cilium's defaults.
+pub mod ct_lifetime {
+    /// Established TCP (the backend answered).
+    pub const TCP_ESTABLISHED: u64 = 21600;
+    /// TCP before the backend answered (SYN sent).
+    pub const TCP_SYN: u64 = 60;
+    /// TCP after a FIN or RST in either direction.
+    pub const TCP_CLOSING: u64 = 10;
+    /// UDP and everything else.
+    pub const NON_TCP: u64 = 60;
+}
+
+/// Key of [`map_names::CT`]: a packet's 5-tuple as seen on the wire, plus its direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    /// Source address (16-byte form).
+    pub saddr: Addr,
+    /// Destination address (16-byte form).
+    pub daddr: Addr,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// [`CT_DIR_FWD`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`map_names::CT`]: what a matching packet is rewritten to.
+///
+/// The two entries of a flow mirror each other: the partner of an entry is found at
+/// `{saddr: nat_daddr, daddr: nat_saddr, sport: nat_dport, dport: nat_sport, dir: !dir}` (see
+/// [`CtValue::partner`]), which is how the GC ages a flow as a pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// New source address.
+    pub nat_saddr: Addr,
+    /// New destination address.
+    pub nat_daddr: Addr,
+    /// New source port, network byte order.
+    pub nat_sport: u16,
+    /// New destination port, network byte order.
+    pub nat_dport: u16,
+    /// Service id the flow was balanced for.
+    pub service_id: u32,
+    /// Backend id chosen (forward entries; 0 in reply entries).
+    pub backend_id: u32,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    /// The key of the other direction's entry of the same flow.
+    #[inline(always)]
+    pub const fn partner(&self, key: &CtKey) -> CtKey {
+        CtKey {
+            saddr: self.nat_daddr,
+            daddr: self.nat_saddr,
+            sport: self.nat_dport,
+            dport: self.nat_sport,
+            proto: key.proto,
+            dir: key.dir ^ 1,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Address family tags of [`NodeAddrKey::family`].
+pub const FAMILY_V4: u8 = 4;
+/// See [`FAMILY_V4`].
+pub const FAMILY_V6: u8 = 6;
+
+/// Key of [`map_names::NODE_ADDRS`]: a device of this node and a family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeAddrKey {
+    /// Interface index (in the proxy's network namespace).
+    pub ifindex: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Data of a [`map_names::SRC_RANGES`] key (aya's LPM `Key` adds the `u32` prefix length in front). The
+/// prefix length always covers all of `service_id` (32 bits) plus the range's bits of `addr`; IPv4 ranges
+/// are IPv4-mapped, so a /24 is `32 + 96 + 24`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRangeKey {
+    /// Service id, big-endian so the trie compares it byte by byte like the address.
+    pub service_id_be: u32,
+    /// Source address (16-byte form).
+    pub addr: Addr,
+}
+
+/// Indices of [`map_names::DP_COUNTERS`].
+pub mod dp_counter {
+    /// New flows translated (conntrack pairs inserted).
+    pub const CT_INSERT: u32 = 0;
+    /// Conntrack inserts that failed (the packet was dropped).
+    pub const CT_INSERT_FAIL: u32 = 1;
+    /// Flows dropped because no SNAT port was free for the (node address, backend) pair.
+    pub const SNAT_EXHAUSTED: u32 = 2;
+    /// Packets dropped because the frontend had no (local) endpoint.
+    pub const DROP_NO_ENDPOINT: u32 = 3;
+    /// Packets dropped by `loadBalancerSourceRanges`.
+    pub const DROP_SOURCE_RANGE: u32 = 4;
+    /// Packets translated by a forward conntrack entry (including a flow's first).
+    pub const XLATE_FWD: u32 = 5;
+    /// Packets translated by a reply conntrack entry.
+    pub const XLATE_REPLY: u32 = 6;
+    /// Redirects that failed (no route to the backend or the client); the packet went to the stack.
+    pub const FIB_FAIL: u32 = 7;
+    /// Forward entries found whose backend is gone (the flow is re-balanced).
+    pub const CT_STALE_BACKEND: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+    /// Metric-friendly names, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ct_insert",
+        "ct_insert_fail",
+        "snat_port_exhausted",
+        "drop_no_endpoint",
+        "drop_source_range",
+        "xlate_forward",
+        "xlate_reply",
+        "fib_fail",
+        "ct_stale_backend",
+    ];
+}
+
 // Layout guards: a size change here must come with a LAYOUT_VERSION bump.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
@@ -255,6 +453,10 @@ const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 20);
 
 #[cfg(feature = "user")]
 mod user {
@@ -279,4 +481,12 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NodeAddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SrcRangeKey {}
 }

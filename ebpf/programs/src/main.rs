@@ -4,8 +4,13 @@
 //! destination before the kernel routes anything, recording the translation in `KP_SOCK_REVNAT` keyed by
 //! socket cookie. `recvmsg4/6` and `getpeername4/6` undo it so the application sees the address it
 //! dialled. Layouts live in `ebpf-common`; userspace (`pkg/ebpf`) writes the service maps.
+//!
+//! The tc programs of node devices (NodePort / ExternalIP / LoadBalancer from outside the node, with BPF
+//! conntrack and SNAT) live in [`tc`] and share this object's service maps.
 #![no_std]
 #![no_main]
+
+mod tc;
 
 use aya_ebpf::{
     EbpfContext,

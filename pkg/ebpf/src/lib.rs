@@ -10,14 +10,19 @@
 //! - [`EbpfBackend::metrics_collector`] gives a Prometheus collector reading counters and map statistics at
 //!   scrape time; [`inspect`] holds the read-only listing behind `kpctl`. Service names are kept in a
 //!   pinned userspace-only map ([`NAMES_MAP`]) so both work across restarts.
+//! - North-south (NodePort / ExternalIP / LoadBalancer from outside the node): tc programs on the node
+//!   devices with BPF conntrack and SNAT; `tc.rs` attaches them to the devices carrying the node's
+//!   addresses (tcx links, pinned and adopted like the cgroup links), [`ct`] collects expired flows.
 //! - [`EbpfBackend::cleanup_all`] removes every pin (which detaches the programs) for `--cleanup`.
 
+pub mod ct;
 pub mod inspect;
 mod loader;
 mod maps;
 mod metrics;
 mod names;
 mod sys;
+mod tc;
 mod writer;
 
 use std::path::PathBuf;
@@ -26,7 +31,8 @@ pub use loader::{EbpfBackend, EbpfOptions, ProgramUpdate, bpffs_mounted, detect_
 pub use maps::{AyaMaps, FakeMaps, LbMaps, MapOp};
 pub use metrics::{BpfStatsSource, EbpfCollector, PinnedStats};
 pub use names::{NAMES_MAP, ServiceName, ServiceNameTable, read_pinned_names};
-pub use writer::{MapWriter, ServiceCounterSample, addr16, ip_from_addr16};
+pub use tc::NodeDevice;
+pub use writer::{MapWriter, ServiceCounterSample, SrcRange, addr16, ip_from_addr16};
 
 /// Errors of the eBPF backend; each names the input (path, map, key, service) that caused it.
 #[derive(Debug, thiserror::Error)]

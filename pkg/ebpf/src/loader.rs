@@ -5,8 +5,11 @@ use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use ebpf_common::{LAYOUT_VERSION, map_names, program_names};
 use proxier::backend::{Backend, BackendError, SyncReport};
@@ -14,10 +17,12 @@ use proxier::model::{Changes, IpFamily, ServicePortName, Snapshot};
 use tracing::{info, warn};
 
 use crate::EbpfError;
+use crate::ct::{CtMap, CtStats, GcReport, GcThread, monotonic_ns};
 use crate::maps::AyaMaps;
 use crate::metrics::EbpfCollector;
 use crate::names::{NamePublisher, ServiceNameTable};
 use crate::sys;
+use crate::tc::{NodeDevice, TcManager};
 use crate::writer::{MapWriter, ServiceCounterSample};
 
 /// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
@@ -48,6 +53,17 @@ pub struct EbpfOptions {
     pub families: Vec<IpFamily>,
     /// What to do with programs of a previous run that are still attached.
     pub program_update: ProgramUpdate,
+    /// Attach the north-south tc programs to the node devices (those carrying the snapshot's node
+    /// addresses). Default: on.
+    pub north_south: bool,
+    /// The network namespace whose devices get the tc programs (a `/run/netns/…` or `/proc/…/ns/net`
+    /// file); `None`: the namespace of the thread calling [`EbpfBackend::new`].
+    pub tc_netns: Option<PathBuf>,
+    /// Capacity of the conntrack map (two entries per flow). Only applies when the map is created: a
+    /// pinned map is adopted with its size. Default [`ebpf_common::CT_MAX_ENTRIES`].
+    pub ct_max_entries: u32,
+    /// A fixed conntrack GC interval; `None`: adaptive (see `ct.rs`).
+    pub ct_gc_interval: Option<Duration>,
 }
 
 impl EbpfOptions {
@@ -58,11 +74,15 @@ impl EbpfOptions {
             bpffs_root: bpffs_root.into(),
             families,
             program_update: ProgramUpdate::Replace,
+            north_south: true,
+            tc_netns: None,
+            ct_max_entries: ebpf_common::CT_MAX_ENTRIES,
+            ct_gc_interval: None,
         }
     }
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
     let what = what.into();
     move |source| EbpfError::Io { what, source }
 }
@@ -121,6 +141,11 @@ struct Inner {
     writer: MapWriter<AyaMaps>,
     // Service id → name, shared with metrics collectors and pinned for kpctl.
     names: NamePublisher,
+    // North-south: tc attachment and conntrack GC (None when disabled).
+    tc: Option<TcManager>,
+    ct_stats: Arc<CtStats>,
+    // Dropped (stopped and joined) with the backend.
+    _gc: Option<GcThread>,
     // Keeps the loaded programs' fds; the links (pinned) hold the programs attached independently.
     _ebpf: Ebpf,
 }
@@ -147,6 +172,7 @@ impl EbpfBackend {
         let pin_paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let adopting = pin_paths.iter().filter(|(_, p)| p.exists()).count();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CT, opts.ct_max_entries);
         for (name, path) in &pin_paths {
             // Reuses the pinned map when present (aya does not check its shape: hence the version dir).
             loader.map_pin_path(name, path.as_path());
@@ -161,13 +187,29 @@ impl EbpfBackend {
             attach_program(&mut ebpf, name, &cgroup, &links_dir, opts.program_update)?;
         }
 
+        let tc_progs = if opts.north_south { Some(load_tc_programs(&mut ebpf)?) } else { None };
+
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name });
         let maps = AyaMaps::new(
             take(map_names::SERVICES)?,
             take(map_names::BACKENDS)?,
             take(map_names::REV_NAT)?,
             take(map_names::COUNTERS)?,
+            Some(take(map_names::SRC_RANGES)?),
         )?;
+        let node_addrs = take(map_names::NODE_ADDRS)?;
+        let ct_stats = Arc::new(CtStats::default());
+        let (tc, gc) = match tc_progs {
+            Some((ingress, egress)) => {
+                let ns_path = opts.tc_netns.clone().unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+                let netns = fs::File::open(&ns_path)
+                    .map_err(io_err(format!("opening network namespace {}", ns_path.display())))?;
+                let tc = TcManager::new(netns, &links_dir, ingress, egress, opts.program_update, node_addrs)?;
+                let gc = GcThread::start(CtMap::open(&opts.bpffs_root)?, ct_stats.clone(), opts.ct_gc_interval);
+                (Some(tc), Some(gc))
+            }
+            None => (None, None),
+        };
         let writer = MapWriter::adopt(maps)?;
         let names = NamePublisher::new(&maps_dir);
         info!(
@@ -175,7 +217,24 @@ impl EbpfBackend {
             adopted_services = writer.service_count(),
             "eBPF socket load balancer attached"
         );
-        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, _ebpf: ebpf }) })
+        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, tc, ct_stats, _gc: gc, _ebpf: ebpf }) })
+    }
+
+    /// The devices the north-south tc programs are attached to (empty before the first sync with node
+    /// addresses, or when disabled).
+    pub fn tc_devices(&self) -> Vec<NodeDevice> {
+        self.inner.as_ref().and_then(|i| i.tc.as_ref()).map(TcManager::devices).unwrap_or_default()
+    }
+
+    /// The conntrack GC's statistics (shared with [`EbpfBackend::metrics_collector`]).
+    pub fn ct_stats(&self) -> Option<Arc<CtStats>> {
+        self.inner.as_ref().map(|i| i.ct_stats.clone())
+    }
+
+    /// Runs one conntrack GC pass now, as if `ahead` more time had passed (tests age flows this way).
+    pub fn run_ct_gc(&self, ahead: Duration) -> Result<GcReport, EbpfError> {
+        let mut map = CtMap::open(&self.opts.bpffs_root)?;
+        map.gc_pass(monotonic_ns() + ahead.as_nanos() as u64)
     }
 
     /// The options this backend was created with.
@@ -198,7 +257,11 @@ impl EbpfBackend {
     /// It holds its own handles to the pinned maps and shares the name table, so it can be registered
     /// before the backend moves into the sync runner and keeps working while the runner syncs.
     pub fn metrics_collector(&self) -> Result<EbpfCollector, EbpfError> {
-        EbpfCollector::from_pins(&self.opts.bpffs_root, self.service_names()?)
+        let c = EbpfCollector::from_pins(&self.opts.bpffs_root, self.service_names()?)?;
+        Ok(match self.ct_stats() {
+            Some(stats) if self.opts.north_south => c.with_conntrack(stats),
+            _ => c,
+        })
     }
 
     /// The service id (reverse-NAT index) of a programmed service port.
@@ -306,6 +369,24 @@ fn attach_program(
     Ok(())
 }
 
+/// Loads the two tc programs; returns owned fds of (ingress, egress) for attaching on any thread.
+fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), EbpfError> {
+    let mut fds = Vec::with_capacity(2);
+    for name in program_names::TC_ALL {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+        prog.load().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+        let fd = prog.fd().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+        fds.push(fd.as_fd().try_clone_to_owned().map_err(io_err(format!("duplicating the fd of program {name}")))?);
+    }
+    let egress = fds.pop().expect("two programs");
+    let ingress = fds.pop().expect("two programs");
+    Ok((ingress, egress))
+}
+
 fn backend_err(e: EbpfError) -> BackendError {
     BackendError::with_source(BACKEND_NAME, e.to_string(), e)
 }
@@ -322,6 +403,12 @@ impl Backend for EbpfBackend {
     fn sync(&mut self, snapshot: &Snapshot, changes: &Changes) -> Result<SyncReport, BackendError> {
         let inner = self.inner.as_mut().ok_or_else(|| backend_err(EbpfError::CleanedUp))?;
         let result = inner.writer.sync(&self.opts.families, snapshot, changes).map_err(backend_err);
+        if let Some(tc) = inner.tc.as_mut()
+            && let Err(e) = tc.reconcile(&snapshot.node.addresses, changes.full)
+        {
+            // Services stay programmed for the socket LB; the next sync retries the attachment.
+            warn!(error = %e, "attaching the north-south tc programs failed");
+        }
         // Also after a failed sync: the names follow whatever ids the writer holds now.
         inner.names.publish(&inner.writer, changes);
         result

@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use ebpf_common::{BackendValue, LAYOUT_VERSION, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, map_names};
+use ebpf_common::{
+    BackendValue, LAYOUT_VERSION, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SrcRangeKey, map_names,
+};
 
 use crate::EbpfError;
+use crate::writer::SrcRange;
 
 /// Per-entry access to the service, backend and reverse-NAT maps (plus the counters).
 ///
@@ -36,6 +40,17 @@ pub trait LbMaps {
     fn dump_backends(&self) -> Result<Vec<(u32, BackendValue)>, EbpfError>;
     /// Every reverse-NAT entry.
     fn dump_rev_nat(&self) -> Result<Vec<(u32, RevNatValue)>, EbpfError>;
+    /// Adds a `loadBalancerSourceRanges` entry of a service id.
+    fn src_range_update(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError>;
+    /// Deletes a `loadBalancerSourceRanges` entry of a service id.
+    fn src_range_delete(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError>;
+    /// Every source-range entry, by service id.
+    fn dump_src_ranges(&self) -> Result<Vec<(u32, SrcRange)>, EbpfError>;
+}
+
+/// The LPM key of a source range: the service id is always matched in full (32 bits) before the address.
+pub(crate) fn src_range_key(id: u32, range: &SrcRange) -> LpmKey<SrcRangeKey> {
+    LpmKey::new(32 + u32::from(range.1), SrcRangeKey { service_id_be: id.to_be(), addr: range.0 })
 }
 
 /// One map operation, as recorded by [`FakeMaps`] (for asserting the update order in tests).
@@ -53,6 +68,10 @@ pub enum MapOp {
     RevNatUpdate(u32, RevNatValue),
     /// `rev_nat_delete`.
     RevNatDelete(u32),
+    /// `src_range_update`.
+    SrcRangeUpdate(u32, SrcRange),
+    /// `src_range_delete`.
+    SrcRangeDelete(u32, SrcRange),
 }
 
 /// In-memory maps with an operation log; no kernel needed.
@@ -66,6 +85,8 @@ pub struct FakeMaps {
     pub rev_nat: BTreeMap<u32, RevNatValue>,
     /// Counters by service id.
     pub counters: BTreeMap<u32, ServiceCounters>,
+    /// Source ranges by service id.
+    pub src_ranges: std::collections::BTreeSet<(u32, SrcRange)>,
     /// Every mutating operation, in order.
     pub log: Vec<MapOp>,
 }
@@ -117,6 +138,19 @@ impl LbMaps for FakeMaps {
     fn dump_rev_nat(&self) -> Result<Vec<(u32, RevNatValue)>, EbpfError> {
         Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
     }
+    fn src_range_update(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError> {
+        self.src_ranges.insert((id, *range));
+        self.log.push(MapOp::SrcRangeUpdate(id, *range));
+        Ok(())
+    }
+    fn src_range_delete(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError> {
+        self.src_ranges.remove(&(id, *range));
+        self.log.push(MapOp::SrcRangeDelete(id, *range));
+        Ok(())
+    }
+    fn dump_src_ranges(&self) -> Result<Vec<(u32, SrcRange)>, EbpfError> {
+        Ok(self.src_ranges.iter().copied().collect())
+    }
 }
 
 /// The pinned kernel maps.
@@ -125,6 +159,8 @@ pub struct AyaMaps {
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     counters: PerCpuArray<MapData, ServiceCounters>,
+    /// Absent only when opening pins of an older build that had no tc programs.
+    src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u8>>,
     ncpus: usize,
 }
 
@@ -140,13 +176,24 @@ fn is_enoent(e: &MapError) -> bool {
 
 impl AyaMaps {
     /// Wraps the maps of a loaded (or adopted) object.
-    pub(crate) fn new(services: Map, backends: Map, rev_nat: Map, counters: Map) -> Result<Self, EbpfError> {
+    pub(crate) fn new(
+        services: Map,
+        backends: Map,
+        rev_nat: Map,
+        counters: Map,
+        src_ranges: Option<Map>,
+    ) -> Result<Self, EbpfError> {
         let ncpus = aya::util::nr_cpus().map_err(|(what, source)| EbpfError::Io { what: what.to_string(), source })?;
         Ok(AyaMaps {
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES, "open", String::new()))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS, "open", String::new()))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(map_names::REV_NAT, "open", String::new()))?,
             counters: PerCpuArray::try_from(counters).map_err(map_err(map_names::COUNTERS, "open", String::new()))?,
+            src_ranges: src_ranges.map(LpmTrie::try_from).transpose().map_err(map_err(
+                map_names::SRC_RANGES,
+                "open",
+                String::new(),
+            ))?,
             ncpus,
         })
     }
@@ -165,11 +212,13 @@ impl AyaMaps {
                 path.display().to_string(),
             ))
         };
+        let ranges = if dir.join(map_names::SRC_RANGES).exists() { Some(open(map_names::SRC_RANGES)?) } else { None };
         AyaMaps::new(
             open(map_names::SERVICES)?,
             open(map_names::BACKENDS)?,
             open(map_names::REV_NAT)?,
             open(map_names::COUNTERS)?,
+            ranges,
         )
     }
 }
@@ -222,5 +271,34 @@ impl LbMaps for AyaMaps {
     }
     fn dump_rev_nat(&self) -> Result<Vec<(u32, RevNatValue)>, EbpfError> {
         self.rev_nat.iter().collect::<Result<_, _>>().map_err(map_err(map_names::REV_NAT, "dump", String::new()))
+    }
+    fn src_range_update(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError> {
+        let key = src_range_key(id, range);
+        let err = map_err(map_names::SRC_RANGES, "update", format!("service {id} {range:?}"));
+        match self.src_ranges.as_mut() {
+            Some(m) => m.insert(&key, 1u8, 0).map_err(err),
+            None => Err(err(MapError::KeyNotFound)),
+        }
+    }
+    fn src_range_delete(&mut self, id: u32, range: &SrcRange) -> Result<(), EbpfError> {
+        let Some(m) = self.src_ranges.as_mut() else { return Ok(()) };
+        match m.remove(&src_range_key(id, range)) {
+            Err(e) if !is_enoent(&e) => {
+                Err(map_err(map_names::SRC_RANGES, "delete", format!("service {id} {range:?}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+    fn dump_src_ranges(&self) -> Result<Vec<(u32, SrcRange)>, EbpfError> {
+        let Some(m) = self.src_ranges.as_ref() else { return Ok(vec![]) };
+        m.keys()
+            .map(|k| {
+                k.map(|k| {
+                    let d = k.data();
+                    (u32::from_be(d.service_id_be), (d.addr, (k.prefix_len() - 32) as u8))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::SRC_RANGES, "dump", String::new()))
     }
 }

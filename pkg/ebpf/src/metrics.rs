@@ -8,17 +8,25 @@
 //! - `kubeproxy_ebpf_service_no_endpoint_rejects_total{service_port_name, protocol, ip_family}`
 //! - `kubeproxy_ebpf_map_entries{map}`
 //! - `kubeproxy_ebpf_map_memory_bytes{map}`
+//! - `kubeproxy_ebpf_datapath_events_total{event}`: the tc programs' counters (conntrack inserts and
+//!   insert failures, SNAT port exhaustion, drops for no endpoint / source range, translated packets, …)
+//! - `kubeproxy_ebpf_conntrack_entries`, `kubeproxy_ebpf_conntrack_map_pressure` (entries / capacity),
+//!   `kubeproxy_ebpf_conntrack_gc_runs_total`, `kubeproxy_ebpf_conntrack_gc_deleted_total`: from the
+//!   conntrack GC (the entry count is the one of its last pass, so a scrape never walks the map)
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use ebpf_common::{LAYOUT_VERSION, ServiceCounters, map_names};
+use ebpf_common::{LAYOUT_VERSION, ServiceCounters, dp_counter, map_names};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tracing::warn;
 
 use crate::EbpfError;
+use crate::ct::CtStats;
 use crate::inspect::{MapStats, PinnedMaps};
 use crate::maps::{FakeMaps, LbMaps};
 use crate::names::ServiceNameTable;
@@ -27,6 +35,11 @@ const TRANSLATED: &str = "kubeproxy_ebpf_service_connections_translated_total";
 const REJECTS: &str = "kubeproxy_ebpf_service_no_endpoint_rejects_total";
 const MAP_ENTRIES: &str = "kubeproxy_ebpf_map_entries";
 const MAP_MEMORY: &str = "kubeproxy_ebpf_map_memory_bytes";
+const DP_EVENTS: &str = "kubeproxy_ebpf_datapath_events_total";
+const CT_ENTRIES: &str = "kubeproxy_ebpf_conntrack_entries";
+const CT_PRESSURE: &str = "kubeproxy_ebpf_conntrack_map_pressure";
+const CT_GC_RUNS: &str = "kubeproxy_ebpf_conntrack_gc_runs_total";
+const CT_GC_DELETED: &str = "kubeproxy_ebpf_conntrack_gc_deleted_total";
 const SERVICE_LABELS: [&str; 3] = ["service_port_name", "protocol", "ip_family"];
 
 /// Where the collector reads BPF state from: the pinned maps in production, [`FakeMaps`] in unit tests.
@@ -35,11 +48,16 @@ pub trait BpfStatsSource: Send + Sync {
     fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError>;
     /// Entry count and memory of every map.
     fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError>;
+    /// The tc datapath counters summed over CPUs, indexed by `dp_counter::*` (empty when unavailable).
+    fn datapath_counters(&self) -> Result<Vec<u64>, EbpfError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The pinned maps, opened read-only by the collector itself (the backend's own handles live in the runner).
 pub struct PinnedStats {
     counters: PerCpuArray<MapData, ServiceCounters>,
+    dp_counters: Option<PerCpuArray<MapData, u64>>,
     maps: PinnedMaps,
 }
 
@@ -53,7 +71,12 @@ impl PinnedStats {
         };
         let data = MapData::from_pin(&path).map_err(err("open pin"))?;
         let counters = Map::from_map_data(data).and_then(PerCpuArray::try_from).map_err(err("open pin"))?;
-        Ok(PinnedStats { counters, maps: PinnedMaps::open(bpffs_root)? })
+        let dp_path = bpffs_root.join(LAYOUT_VERSION).join("maps").join(map_names::DP_COUNTERS);
+        let dp_counters = match MapData::from_pin(&dp_path).and_then(Map::from_map_data) {
+            Ok(m) => PerCpuArray::try_from(m).ok(),
+            Err(_) => None,
+        };
+        Ok(PinnedStats { counters, dp_counters, maps: PinnedMaps::open(bpffs_root)? })
     }
 }
 
@@ -73,6 +96,20 @@ impl BpfStatsSource for PinnedStats {
 
     fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError> {
         self.maps.stats()
+    }
+
+    fn datapath_counters(&self) -> Result<Vec<u64>, EbpfError> {
+        let Some(dp) = &self.dp_counters else { return Ok(Vec::new()) };
+        (0..dp_counter::COUNT)
+            .map(|i| {
+                dp.get(&i, 0).map(|v| v.iter().sum()).map_err(|source| EbpfError::MapOp {
+                    map: map_names::DP_COUNTERS,
+                    op: "read",
+                    key: i.to_string(),
+                    source: Box::new(source),
+                })
+            })
+            .collect()
     }
 }
 
@@ -111,6 +148,8 @@ pub struct EbpfCollector {
     rejects: IntCounterVec,
     entries: IntGaugeVec,
     memory: IntGaugeVec,
+    dp_events: IntCounterVec,
+    ct: Option<Arc<CtStats>>,
 }
 
 fn alpha(help: &str) -> String {
@@ -141,7 +180,19 @@ impl EbpfCollector {
             ),
             entries: gauge(MAP_ENTRIES, "Number of entries in the eBPF map (arrays report their fixed size)"),
             memory: gauge(MAP_MEMORY, "Kernel memory charged to the eBPF map (memlock), in bytes"),
+            dp_events: IntCounterVec::new(
+                Opts::new(DP_EVENTS, alpha("Cumulative number of events of the eBPF north-south (tc) datapath")),
+                &["event"],
+            )
+            .expect("valid counter options"),
+            ct: None,
         }
+    }
+
+    /// Also exports the conntrack GC's statistics.
+    pub fn with_conntrack(mut self, stats: Arc<CtStats>) -> Self {
+        self.ct = Some(stats);
+        self
     }
 
     /// A collector over the maps pinned under `bpffs_root`.
@@ -169,7 +220,8 @@ fn fresh_gauge(proto: &IntGaugeVec) -> IntGaugeVec {
 
 impl Collector for EbpfCollector {
     fn desc(&self) -> Vec<&Desc> {
-        [self.translated.desc(), self.rejects.desc(), self.entries.desc(), self.memory.desc()].concat()
+        [self.translated.desc(), self.rejects.desc(), self.entries.desc(), self.memory.desc(), self.dp_events.desc()]
+            .concat()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -205,11 +257,54 @@ impl Collector for EbpfCollector {
             }
             Err(e) => warn!(error = %e, "reading eBPF map statistics failed"),
         }
-        let mut out = Vec::with_capacity(4);
+        let mut out = Vec::with_capacity(10);
         out.extend(translated.collect());
         out.extend(rejects.collect());
         out.extend(entries.collect());
         out.extend(memory.collect());
+        match self.source.datapath_counters() {
+            Ok(values) if !values.is_empty() => {
+                let d = self.dp_events.desc()[0];
+                let events = IntCounterVec::new(Opts::new(d.fq_name.clone(), d.help.clone()), &["event"])
+                    .expect("valid counter options");
+                for (name, v) in dp_counter::NAMES.iter().zip(values) {
+                    events.with_label_values(&[name]).inc_by(v);
+                }
+                out.extend(events.collect());
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "reading eBPF datapath counters failed"),
+        }
+        if let Some(ct) = &self.ct {
+            let entries = ct.entries.load(Ordering::Relaxed);
+            let max = ct.max_entries.load(Ordering::Relaxed);
+            let g = IntGauge::with_opts(Opts::new(
+                CT_ENTRIES,
+                alpha("Entries in the eBPF conntrack map after the last GC pass (two per flow)"),
+            ))
+            .expect("valid gauge options");
+            g.set(i64::try_from(entries).unwrap_or(i64::MAX));
+            out.extend(g.collect());
+            let p = Gauge::with_opts(Opts::new(
+                CT_PRESSURE,
+                alpha("Fill ratio of the eBPF conntrack map (entries / max entries) after the last GC pass"),
+            ))
+            .expect("valid gauge options");
+            p.set(if max == 0 { 0.0 } else { entries as f64 / max as f64 });
+            out.extend(p.collect());
+            for (name, help, v) in [
+                (CT_GC_RUNS, "Cumulative number of eBPF conntrack GC passes", ct.runs.load(Ordering::Relaxed)),
+                (
+                    CT_GC_DELETED,
+                    "Cumulative number of eBPF conntrack entries removed by the GC",
+                    ct.deleted.load(Ordering::Relaxed),
+                ),
+            ] {
+                let c = IntCounter::with_opts(Opts::new(name, alpha(help))).expect("valid counter options");
+                c.inc_by(v);
+                out.extend(c.collect());
+            }
+        }
         out
     }
 }

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ebpf_common::{
-    Addr, BackendValue, MAX_SERVICE_ID, RevNatValue, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT, ServiceCounters,
-    ServiceKey, ServiceValue, addr_from_v4,
+    Addr, BACKEND_FLAG_LOCAL, BackendValue, MAX_SERVICE_ID, RevNatValue, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGE, ServiceCounters, ServiceKey, ServiceValue, addr_from_v4,
 };
 use proxier::backend::SyncReport;
 use proxier::model::{Changes, Endpoint, IpFamily, ServicePortName, ServicePortState, Snapshot};
@@ -25,6 +25,9 @@ use crate::maps::LbMaps;
 type FrontendId = (Addr, u16, u8);
 /// A backend's identity inside one service: address, port (network order), protocol.
 type BackendKey = (Addr, u16, u8);
+/// A `loadBalancerSourceRanges` entry: network address (16-byte form) and prefix length over all 128 bits
+/// (IPv4 ranges are IPv4-mapped, so a /24 is 120).
+pub type SrcRange = (Addr, u8);
 
 /// The 16-byte map form of an address (IPv4 stored IPv4-mapped).
 pub fn addr16(ip: IpAddr) -> Addr {
@@ -60,6 +63,10 @@ struct ServiceState {
     rev: Option<RevNatValue>,
     entries: BTreeMap<(FrontendId, u8), ScopeEntries>,
     backends: BTreeMap<BackendKey, u32>,
+    /// `BACKEND_FLAG_*` of each backend id as written.
+    backend_flags: BTreeMap<u32, u8>,
+    /// Source ranges written for this service id.
+    src_ranges: BTreeSet<SrcRange>,
     /// Backend ids found in the maps that duplicate another id of the same backend; deleted on reconcile.
     stray_backends: Vec<u32>,
 }
@@ -69,7 +76,9 @@ struct Desired {
     rev: RevNatValue,
     /// (frontend, scope) → (master template without count, backends in slot order).
     entries: BTreeMap<(FrontendId, u8), (ServiceValue, Vec<BackendKey>)>,
-    backends: BTreeSet<BackendKey>,
+    /// Backends with their `BACKEND_FLAG_*`.
+    backends: BTreeMap<BackendKey, u8>,
+    src_ranges: BTreeSet<SrcRange>,
 }
 
 /// Per-service counters as read from the BPF counters map.
@@ -162,9 +171,13 @@ impl<M: LbMaps> MapWriter<M> {
         for (id, b) in self.maps.dump_backends()? {
             self.backend_ids.insert(id);
             let st = self.services.entry(b.service_id).or_default();
+            st.backend_flags.insert(id, b.flags);
             if let Some(prev) = st.backends.insert((b.addr, b.port, b.proto), id) {
                 st.stray_backends.push(prev);
             }
+        }
+        for (id, range) in self.maps.dump_src_ranges()? {
+            self.services.entry(id).or_default().src_ranges.insert(range);
         }
         for (id, r) in self.maps.dump_rev_nat()? {
             self.services.entry(id).or_default().rev = Some(r);
@@ -322,6 +335,23 @@ impl<M: LbMaps> MapWriter<M> {
             v.dedup();
             v
         };
+        // Endpoints on this node are reached by the tc programs without SNAT.
+        let local_eps: BTreeSet<BackendKey> = svc
+            .endpoints
+            .iter()
+            .chain(svc.selected.local.iter())
+            .filter(|e| e.is_local && IpFamily::of(&e.ip) == family)
+            .map(|e| (addr16(e.ip), e.port.to_be(), proto))
+            .collect();
+        let src_ranges: BTreeSet<SrcRange> = info
+            .load_balancer_source_ranges
+            .iter()
+            .filter(|n| IpFamily::of(&n.addr()) == family)
+            .map(|n| {
+                let bits = if family == IpFamily::V4 { 96 } else { 0 };
+                (addr16(n.network()), n.prefix_len() + bits)
+            })
+            .collect();
         let cluster = to_keys(&svc.selected.cluster);
         let local = to_keys(&svc.selected.local);
         let (aff_flag, timeout) = match info.session_affinity_timeout {
@@ -345,22 +375,30 @@ impl<M: LbMaps> MapWriter<M> {
         }
 
         let mut entries = BTreeMap::new();
-        let mut backends = BTreeSet::new();
+        let mut backends = BTreeMap::new();
         for (fe, kind, local_policy) in frontends {
-            let flags = kind | aff_flag | if local_policy { SVC_FLAG_LOCAL_SCOPE } else { 0 };
+            // Source ranges restrict LoadBalancer frontends only, as upstream.
+            let range_flag =
+                if kind == SVC_FLAG_LOAD_BALANCER && !src_ranges.is_empty() { SVC_FLAG_SOURCE_RANGE } else { 0 };
+            let flags = kind | aff_flag | range_flag | if local_policy { SVC_FLAG_LOCAL_SCOPE } else { 0 };
             let master = ServiceValue { affinity_timeout: timeout, flags, ..Default::default() };
             if entries.contains_key(&(fe, SCOPE_EXT)) {
                 // The same address:port listed twice (e.g. an external IP equal to a node address): first wins.
                 continue;
             }
             entries.insert((fe, SCOPE_EXT), (master, cluster.clone()));
-            backends.extend(cluster.iter().copied());
+            backends.extend(cluster.iter().map(|k| (*k, if local_eps.contains(k) { BACKEND_FLAG_LOCAL } else { 0 })));
             if local_policy {
                 entries.insert((fe, SCOPE_INT), (master, local.clone()));
-                backends.extend(local.iter().copied());
+                backends.extend(local.iter().map(|k| (*k, if local_eps.contains(k) { BACKEND_FLAG_LOCAL } else { 0 })));
             }
         }
-        Desired { rev: RevNatValue { addr: addr16(info.cluster_ip), port, proto, _pad: 0 }, entries, backends }
+        Desired {
+            rev: RevNatValue { addr: addr16(info.cluster_ip), port, proto, _pad: 0 },
+            entries,
+            backends,
+            src_ranges,
+        }
     }
 
     fn reconcile(
@@ -393,14 +431,22 @@ impl<M: LbMaps> MapWriter<M> {
         state: &mut ServiceState,
     ) -> Result<(), EbpfError> {
         // 1. New backends first: a slot never names a backend that is not there yet.
-        for bk in &desired.backends {
-            if state.backends.contains_key(bk) {
-                continue;
-            }
-            let bid = self.alloc_backend_id(name)?;
-            let value = BackendValue { addr: bk.0, port: bk.1, proto: bk.2, flags: 0, service_id: id };
+        for (bk, &flags) in &desired.backends {
+            let bid = match state.backends.get(bk) {
+                // Flags (locality) change in place: same id, so conntrack entries keep their backend.
+                Some(&bid) if state.backend_flags.get(&bid) == Some(&flags) => continue,
+                Some(&bid) => bid,
+                None => self.alloc_backend_id(name)?,
+            };
+            let value = BackendValue { addr: bk.0, port: bk.1, proto: bk.2, flags, service_id: id };
             self.update(|m| m.backend_update(bid, &value))?;
             state.backends.insert(*bk, bid);
+            state.backend_flags.insert(bid, flags);
+        }
+        // Source ranges before the masters that start checking them.
+        for r in desired.src_ranges.difference(&state.src_ranges.clone()) {
+            self.update(|m| m.src_range_update(id, r))?;
+            state.src_ranges.insert(*r);
         }
         // 2. Reverse NAT (the service's identity; read by restart adoption and future tc programs).
         if state.rev != Some(desired.rev) {
@@ -442,13 +488,19 @@ impl<M: LbMaps> MapWriter<M> {
         let gone: Vec<(FrontendId, u8)> =
             state.entries.keys().filter(|k| !desired.entries.contains_key(k)).copied().collect();
         self.delete_entries(state, &gone)?;
-        // 5. Orphan backends last: no slot names them any more.
+        // 5. Orphan backends and source ranges last: no slot or master uses them any more.
         let orphans: Vec<(BackendKey, u32)> =
-            state.backends.iter().filter(|(k, _)| !desired.backends.contains(k)).map(|(k, v)| (*k, *v)).collect();
+            state.backends.iter().filter(|(k, _)| !desired.backends.contains_key(k)).map(|(k, v)| (*k, *v)).collect();
         for (k, bid) in orphans {
             self.delete(|m| m.backend_delete(bid))?;
             state.backends.remove(&k);
+            state.backend_flags.remove(&bid);
             self.backend_ids.remove(&bid);
+        }
+        let stale_ranges: Vec<SrcRange> = state.src_ranges.difference(&desired.src_ranges).copied().collect();
+        for r in stale_ranges {
+            self.delete(|m| m.src_range_delete(id, &r))?;
+            state.src_ranges.remove(&r);
         }
         for bid in std::mem::take(&mut state.stray_backends) {
             self.delete(|m| m.backend_delete(bid))?;
@@ -497,6 +549,9 @@ impl<M: LbMaps> MapWriter<M> {
             for bid in std::mem::take(&mut state.stray_backends) {
                 self.delete(|m| m.backend_delete(bid))?;
                 self.backend_ids.remove(&bid);
+            }
+            for r in std::mem::take(&mut state.src_ranges) {
+                self.delete(|m| m.src_range_delete(id, &r))?;
             }
             if state.rev.take().is_some() {
                 self.delete(|m| m.rev_nat_delete(id))?;

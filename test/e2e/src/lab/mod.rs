@@ -684,6 +684,14 @@ impl Lab {
         self.api.as_ref().expect("API server runs until teardown")
     }
 
+    /// Routes `prefix` (an ExternalIP / LoadBalancer range) from the external client's namespace via node
+    /// `i`'s underlay address, as the router in front of a cluster would. Replaces an earlier route.
+    pub fn route_external_via(&self, prefix: &str, i: usize) -> Result<()> {
+        let n = self.node(i)?;
+        let via = if prefix.contains(':') { n.ip6.to_string() } else { n.ip4.to_string() };
+        ip(&["-n", &self.external_ns, "route", "replace", prefix, "via", &via])
+    }
+
     /// The nodes.
     pub fn nodes(&self) -> &[NodeInfo] {
         &self.nodes

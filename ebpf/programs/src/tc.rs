@@ -1,0 +1,410 @@
+//! North-south load balancing: tc programs on the node devices (those carrying node addresses).
+//!
+//! Ingress, per packet to this node's device:
+//! 1. a forward conntrack entry (`KP_CT`, client → frontend) → rewrite as recorded;
+//! 2. else a reply entry (backend → SNAT address:port) → un-SNAT back to frontend → client;
+//! 3. else a NodePort / ExternalIP / LoadBalancer frontend in `KP_SERVICES` → source-range check, backend
+//!    pick, conntrack pair insert, DNAT (+ SNAT to the device's node address for a remote backend under
+//!    `externalTrafficPolicy: Cluster`).
+//!
+//! Packets whose source ends up being a node address (SNATed forwards, un-SNATed replies from a NodePort
+//! frontend) would be dropped as martians by the stack's input route check, so they are redirected after a
+//! FIB lookup (`bpf_redirect_neigh`). DNAT-only forwards go to the stack, which routes them to the pod.
+//!
+//! Egress: replies of local backends (no SNAT) leave through the node device; a reply entry rewrites their
+//! source back to the frontend.
+//!
+//! Both families share the code: addresses are in the 16-byte map form; IPv4 only touches the last word.
+//! Not handled (yet): IP options beyond skipping them, IPv6 extension headers, ICMP errors of translated
+//! flows, non-first fragments (passed untouched), TTL decrement on redirect.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{classifier, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use ebpf_common::{
+    Addr, BACKEND_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey,
+    CtValue, FAMILY_V4, FAMILY_V6, NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue,
+    SrcRangeKey, addr_from_v4, dp_counter,
+};
+
+use crate::{KP_BACKENDS, KP_SERVICES};
+
+#[map]
+static KP_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CT_MAX_ENTRIES, 0);
+
+#[map]
+static KP_NODE_ADDRS: HashMap<NodeAddrKey, Addr> = HashMap::with_max_entries(NODE_ADDRS_MAX_ENTRIES, 0);
+
+#[map]
+static KP_SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::with_max_entries(SRC_RANGES_MAX_ENTRIES, 0);
+
+#[map]
+static KP_DP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(dp_counter::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// The GC needs `last_seen_ns` only to the second; refreshing it more often just dirties cache lines.
+const REFRESH_NS: u64 = NSEC_PER_SEC;
+/// IPv4 header checksum offset.
+const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
+
+/// A parsed TCP/UDP packet.
+struct Pkt {
+    v6: bool,
+    l4_off: usize,
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    /// Length from the network header on (for the FIB lookup's MTU check).
+    tot_len: u16,
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = KP_DP_COUNTERS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Pkt> {
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (v6, proto, l4_off, saddr, daddr, tot_len) = if eth_proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        // Offset or more-fragments: only a first fragment carries the ports; pass the rest untouched.
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+        if frag & 0x1fff != 0 {
+            return None;
+        }
+        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        let s: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+        let d: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+        let tot = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+        (false, proto, ETH_HLEN + ihl, addr_from_v4(s), addr_from_v4(d), tot)
+    } else if eth_proto == ETH_P_IPV6 {
+        // Extension headers are not walked: only TCP/UDP right after the fixed header.
+        let proto: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        let s: Addr = ctx.load(ETH_HLEN + 8).ok()?;
+        let d: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+        let plen = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?);
+        (true, proto, ETH_HLEN + 40, s, d, plen.wrapping_add(40))
+    } else {
+        return None;
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let sport: u16 = ctx.load(l4_off).ok()?;
+    let dport: u16 = ctx.load(l4_off + 2).ok()?;
+    let tcp_flags: u8 = if proto == PROTO_TCP { ctx.load(l4_off + 13).ok()? } else { 0 };
+    Some(Pkt { v6, l4_off, proto, saddr, daddr, sport, dport, tcp_flags, tot_len })
+}
+
+/// Rewrites one address (source when `dst` is false) with checksum fixes.
+#[inline(always)]
+fn rewrite_addr(ctx: &TcContext, p: &Pkt, csum_off: usize, l4_flags: u64, old: &Addr, new: &Addr, dst: bool) -> bool {
+    if p.v6 {
+        let off = ETH_HLEN + if dst { 24 } else { 8 };
+        for i in 0..4 {
+            if old[i] != new[i]
+                && ctx
+                    .l4_csum_replace(csum_off, old[i] as u64, new[i] as u64, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)
+                    .is_err()
+            {
+                return false;
+            }
+        }
+        ctx.store(off, new, 0).is_ok()
+    } else {
+        let off = ETH_HLEN + if dst { 16 } else { 12 };
+        if old[3] == new[3] {
+            return true;
+        }
+        ctx.l4_csum_replace(csum_off, old[3] as u64, new[3] as u64, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4).is_ok()
+            && ctx.l3_csum_replace(IP4_CSUM_OFF, old[3] as u64, new[3] as u64, 4).is_ok()
+            && ctx.store(off, &new[3], 0).is_ok()
+    }
+}
+
+/// Rewrites the packet's addresses and ports to `v`'s, fixing L3 and L4 checksums.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, p: &Pkt, v: &CtValue) -> bool {
+    let csum_off = p.l4_off + if p.proto == PROTO_TCP { 16 } else { 6 };
+    // A UDP checksum of 0 means "none" (IPv4): keep it 0, and never produce 0 from a real one.
+    let l4_flags: u64 = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    if !rewrite_addr(ctx, p, csum_off, l4_flags, &p.saddr, &v.nat_saddr, false)
+        || !rewrite_addr(ctx, p, csum_off, l4_flags, &p.daddr, &v.nat_daddr, true)
+    {
+        return false;
+    }
+    if p.sport != v.nat_sport
+        && (ctx.l4_csum_replace(csum_off, p.sport as u64, v.nat_sport as u64, l4_flags | 2).is_err()
+            || ctx.store(p.l4_off, &v.nat_sport, 0).is_err())
+    {
+        return false;
+    }
+    if p.dport != v.nat_dport
+        && (ctx.l4_csum_replace(csum_off, p.dport as u64, v.nat_dport as u64, l4_flags | 2).is_err()
+            || ctx.store(p.l4_off + 2, &v.nat_dport, 0).is_err())
+    {
+        return false;
+    }
+    true
+}
+
+/// Sends the (already rewritten) packet out of the device the FIB picks, resolving the next hop's MAC.
+#[inline(always)]
+fn fib_redirect(ctx: &TcContext, p: &Pkt, v: &CtValue, ifindex: u32) -> i32 {
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = if p.v6 { AF_INET6 } else { AF_INET };
+    params.l4_protocol = p.proto;
+    params.sport = v.nat_sport;
+    params.dport = v.nat_dport;
+    params.__bindgen_anon_1.tot_len = p.tot_len;
+    params.ifindex = ifindex;
+    if p.v6 {
+        params.__bindgen_anon_3.ipv6_src = v.nat_saddr;
+        params.__bindgen_anon_4.ipv6_dst = v.nat_daddr;
+    } else {
+        params.__bindgen_anon_3.ipv4_src = v.nat_saddr[3];
+        params.__bindgen_anon_4.ipv4_dst = v.nat_daddr[3];
+    }
+    let ret = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
+    if ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // NULL params: the helper takes the next hop from its own route lookup of the packet's destination.
+        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count(dp_counter::FIB_FAIL);
+    TC_ACT_OK as i32
+}
+
+/// Marks an entry as used: `SEEN`, `CLOSING` on FIN/RST, `last_seen_ns` at most once a second.
+#[inline(always)]
+fn touch(v: *mut CtValue, p: &Pkt, now: u64) {
+    let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 { CT_F_CLOSING } else { 0 };
+    unsafe {
+        let want = (*v).flags | CT_F_SEEN | closing;
+        if want != (*v).flags {
+            (*v).flags = want;
+        }
+        if now.wrapping_sub((*v).last_seen_ns) > REFRESH_NS {
+            (*v).last_seen_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn ct_key(p: &Pkt, dir: u8) -> CtKey {
+    CtKey { saddr: p.saddr, daddr: p.daddr, sport: p.sport, dport: p.dport, proto: p.proto, dir, _pad: [0; 2] }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Applies an existing entry: rewrite, then redirect when the new source is (or may be) a node address.
+#[inline(always)]
+fn apply(ctx: &TcContext, p: &Pkt, v: &CtValue, redirect: bool) -> i32 {
+    if !rewrite(ctx, p, v) {
+        return TC_ACT_SHOT as i32;
+    }
+    if redirect { fib_redirect(ctx, p, v, ifindex(ctx)) } else { TC_ACT_OK as i32 }
+}
+
+/// New flow to a frontend: returns `None` when the packet is not for an external frontend.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
+    let mut key =
+        ServiceKey { addr: p.daddr, port: p.dport, backend_slot: 0, proto: p.proto, scope: SCOPE_EXT, _pad: [0; 2] };
+    let ext = *unsafe { KP_SERVICES.get(key) }?;
+    // ClusterIPs stay with the socket LB; only frontends meant to be reached from outside are served here.
+    if ext.flags & (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER) == 0 {
+        return None;
+    }
+    let service_id = ext.service_id;
+    if ext.flags & SVC_FLAG_SOURCE_RANGE != 0 {
+        let rk = Key::new(32 + 128, SrcRangeKey { service_id_be: service_id.to_be(), addr: p.saddr });
+        if KP_SRC_RANGES.get(rk).is_none() {
+            count(dp_counter::DROP_SOURCE_RANGE);
+            return Some(TC_ACT_SHOT as i32);
+        }
+    }
+    let local_scope = ext.flags & SVC_FLAG_LOCAL_SCOPE != 0;
+    let mut master = ext;
+    if local_scope {
+        key.scope = SCOPE_INT;
+        master = match unsafe { KP_SERVICES.get(key) } {
+            Some(m) => *m,
+            None => ServiceValue { count: 0, ..ext },
+        };
+    }
+    if master.count == 0 {
+        // Upstream drops too (Local: the health-check node port steers load balancers away).
+        count(dp_counter::DROP_NO_ENDPOINT);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    key.backend_slot = (unsafe { bpf_get_prandom_u32() } % (master.count as u32)) as u16 + 1;
+    let Some(slot) = (unsafe { KP_SERVICES.get(key) }) else {
+        count(dp_counter::DROP_NO_ENDPOINT);
+        return Some(TC_ACT_SHOT as i32);
+    };
+    let backend_id = slot.backend_id;
+    let Some(backend) = (unsafe { KP_BACKENDS.get(backend_id) }) else {
+        count(dp_counter::DROP_NO_ENDPOINT);
+        return Some(TC_ACT_SHOT as i32);
+    };
+    let backend = *backend;
+    // Local policy keeps the client address; a local backend is reached without SNAT either way (its replies
+    // leave through this device's egress). Only a remote backend under Cluster needs SNAT.
+    let snat = !local_scope && backend.flags & BACKEND_FLAG_LOCAL == 0;
+
+    let mut fwd = CtValue {
+        nat_saddr: p.saddr,
+        nat_daddr: backend.addr,
+        nat_sport: p.sport,
+        nat_dport: backend.port,
+        service_id,
+        backend_id,
+        flags: 0,
+        _pad: [0; 3],
+        last_seen_ns: now,
+    };
+    let rev = CtValue {
+        nat_saddr: p.daddr,
+        nat_daddr: p.saddr,
+        nat_sport: p.dport,
+        nat_dport: p.sport,
+        service_id,
+        backend_id: 0,
+        flags: if snat { CT_F_SNAT } else { 0 },
+        _pad: [0; 3],
+        last_seen_ns: now,
+    };
+    // The reply entry goes in first: a reply can never find the forward entry without its partner.
+    let mut rkey = CtKey {
+        saddr: backend.addr,
+        daddr: p.saddr,
+        sport: backend.port,
+        dport: p.sport,
+        proto: p.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if snat {
+        let nk = NodeAddrKey { ifindex: ifindex(ctx), family: if p.v6 { FAMILY_V6 } else { FAMILY_V4 }, _pad: [0; 3] };
+        let Some(node) = (unsafe { KP_NODE_ADDRS.get(nk) }) else {
+            count(dp_counter::SNAT_EXHAUSTED);
+            return Some(TC_ACT_SHOT as i32);
+        };
+        rkey.daddr = *node;
+        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let mut found = false;
+        for _ in 0..SNAT_PORT_RETRIES {
+            let port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
+            rkey.dport = port.to_be();
+            if KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            count(dp_counter::SNAT_EXHAUSTED);
+            return Some(TC_ACT_SHOT as i32);
+        }
+        fwd.nat_saddr = rkey.daddr;
+        fwd.nat_sport = rkey.dport;
+        fwd.flags = CT_F_SNAT;
+    } else if KP_CT.insert(&rkey, &rev, 0).is_err() {
+        count(dp_counter::CT_INSERT_FAIL);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    if KP_CT.insert(&ct_key(p, CT_DIR_FWD), &fwd, 0).is_err() {
+        let _ = KP_CT.remove(&rkey);
+        count(dp_counter::CT_INSERT_FAIL);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    count(dp_counter::CT_INSERT);
+    count(dp_counter::XLATE_FWD);
+    Some(apply(ctx, p, &fwd, snat))
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_FWD)) {
+        let val = unsafe { *v };
+        // Backend ids are per service: a missing or reused id means the backend went away; re-balance.
+        let alive = match unsafe { KP_BACKENDS.get(val.backend_id) } {
+            Some(b) => b.service_id == val.service_id,
+            None => false,
+        };
+        if alive {
+            touch(v, &p, now);
+            count(dp_counter::XLATE_FWD);
+            return apply(ctx, &p, &val, val.flags & CT_F_SNAT != 0);
+        }
+        count(dp_counter::CT_STALE_BACKEND);
+    } else if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_REPLY)) {
+        // A reply to a SNATed flow (addressed to the node): back to frontend → client.
+        let val = unsafe { *v };
+        touch(v, &p, now);
+        count(dp_counter::XLATE_REPLY);
+        return apply(ctx, &p, &val, true);
+    }
+    new_flow(ctx, &p, now).unwrap_or(TC_ACT_OK as i32)
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_REPLY)) {
+        let val = unsafe { *v };
+        touch(v, &p, unsafe { bpf_ktime_get_ns() });
+        count(dp_counter::XLATE_REPLY);
+        // Already routed out of this device: only the source (and the port) change.
+        return apply(ctx, &p, &val, false);
+    }
+    TC_ACT_OK as i32
+}
+
+/// tc ingress of node devices.
+#[classifier]
+pub fn kp_tc_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx)
+}
+
+/// tc egress of node devices.
+#[classifier]
+pub fn kp_tc_egress(ctx: TcContext) -> i32 {
+    egress(&ctx)
+}

@@ -1,0 +1,303 @@
+//! Conntrack garbage collection for the north-south datapath (`KP_CT`), in userspace like Cilium's.
+//!
+//! Each flow has two entries (forward and reply) that point at each other ([`CtValue::partner`]). A pass
+//! walks the map, ages each flow as a pair — its last packet in either direction against a lifetime chosen
+//! by protocol and state (Cilium's: TCP established 6 h, TCP before the reply and non-TCP 60 s, TCP after
+//! FIN/RST 10 s) — and deletes both entries of expired flows. An entry is re-read right before deletion
+//! and kept if the datapath touched it meanwhile, so a flow with traffic inside its lifetime is never
+//! removed. Orphans (partner evicted by the LRU) age alone.
+//!
+//! The interval adapts like Cilium's: ×0.5 when a pass deleted more than 25% of the entries (down to
+//! [`GC_MIN_INTERVAL`]), ×1.5 when under 5% (up to [`GC_MAX_INTERVAL`]). Results are published in
+//! [`CtStats`] for the metrics collector (entries, map pressure, deletions).
+
+use std::collections::HashMap as StdHashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, Map, MapData};
+use ebpf_common::{CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CtKey, CtValue, PROTO_TCP, ct_lifetime, map_names};
+use tracing::{debug, warn};
+
+use crate::EbpfError;
+use crate::inspect::maps_dir;
+
+/// First GC interval after start.
+pub const GC_START_INTERVAL: Duration = Duration::from_secs(60);
+/// Shortest adaptive interval.
+pub const GC_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest adaptive interval (Cilium allows 12 h for LRU maps; we keep the metrics fresher).
+pub const GC_MAX_INTERVAL: Duration = Duration::from_secs(600);
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * NSEC_PER_SEC + ts.tv_nsec as u64
+}
+
+/// Lifetime in seconds of a flow, from its protocol and the flags of its two entries.
+pub fn lifetime_s(key: &CtKey, value: &CtValue, partner: Option<&CtValue>) -> u64 {
+    if key.proto != PROTO_TCP {
+        return ct_lifetime::NON_TCP;
+    }
+    let flags = value.flags | partner.map_or(0, |p| p.flags);
+    if flags & CT_F_CLOSING != 0 {
+        return ct_lifetime::TCP_CLOSING;
+    }
+    // Established once the backend answered: the reply entry has been hit.
+    let reply = if key.dir == CT_DIR_REPLY { Some(value) } else { partner };
+    if reply.is_some_and(|r| r.flags & CT_F_SEEN != 0) { ct_lifetime::TCP_ESTABLISHED } else { ct_lifetime::TCP_SYN }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries walked.
+    pub scanned: u64,
+    /// Entries deleted.
+    pub deleted: u64,
+    /// Entries left (scanned − deleted).
+    pub remaining: u64,
+    /// Entries kept because the datapath touched them between the walk and the delete.
+    pub raced: u64,
+}
+
+/// Counters of the GC thread, shared with the metrics collector.
+#[derive(Debug, Default)]
+pub struct CtStats {
+    /// Completed passes.
+    pub runs: AtomicU64,
+    /// Entries deleted by all passes.
+    pub deleted: AtomicU64,
+    /// Entries after the last pass.
+    pub entries: AtomicU64,
+    /// The map's capacity.
+    pub max_entries: AtomicU64,
+    /// Passes that failed.
+    pub errors: AtomicU64,
+    /// Current interval in seconds.
+    pub interval_s: AtomicU64,
+}
+
+/// The conntrack map, opened from its pin.
+pub struct CtMap {
+    map: HashMap<MapData, CtKey, CtValue>,
+    max_entries: u32,
+}
+
+impl CtMap {
+    /// Opens `<bpffs_root>/v1/maps/KP_CT`.
+    pub fn open(bpffs_root: &Path) -> Result<Self, EbpfError> {
+        let path = maps_dir(bpffs_root).join(map_names::CT);
+        let err = |op: &'static str| {
+            let key = path.display().to_string();
+            move |source| EbpfError::MapOp { map: map_names::CT, op, key, source: Box::new(source) }
+        };
+        let data = MapData::from_pin(&path).map_err(err("open pin"))?;
+        let max_entries = data.info().map_err(err("info"))?.max_entries();
+        let map = Map::from_map_data(data).and_then(HashMap::try_from).map_err(err("open pin"))?;
+        Ok(CtMap { map, max_entries })
+    }
+
+    /// The map's capacity.
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
+    }
+
+    /// Every entry (a snapshot; the datapath keeps changing the map).
+    pub fn dump(&self) -> Result<Vec<(CtKey, CtValue)>, EbpfError> {
+        // Entries evicted during the walk end it early on some kernels; what was read is still valid.
+        let mut out = Vec::new();
+        for r in self.map.iter() {
+            match r {
+                Ok(kv) => out.push(kv),
+                Err(e) => {
+                    debug!(error = %e, "conntrack walk ended early");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One GC pass at time `now_ns` (`CLOCK_MONOTONIC`; tests pass a time in the future to age flows).
+    pub fn gc_pass(&mut self, now_ns: u64) -> Result<GcReport, EbpfError> {
+        let snapshot: StdHashMap<CtKey, CtValue> = self.dump()?.into_iter().collect();
+        let mut report = GcReport { scanned: snapshot.len() as u64, ..Default::default() };
+        let mut doomed: Vec<(CtKey, CtValue)> = Vec::new();
+        let mut decided: std::collections::HashSet<CtKey> = std::collections::HashSet::new();
+        for (k, v) in &snapshot {
+            if decided.contains(k) {
+                continue;
+            }
+            let pk = v.partner(k);
+            // A partner must point back; otherwise the slot was reused and this entry is an orphan.
+            let partner = snapshot.get(&pk).filter(|p| p.partner(&pk) == *k);
+            decided.insert(*k);
+            if partner.is_some() {
+                decided.insert(pk);
+            }
+            let last = partner.map_or(v.last_seen_ns, |p| p.last_seen_ns.max(v.last_seen_ns));
+            let life = lifetime_s(k, v, partner) * NSEC_PER_SEC;
+            if now_ns.saturating_sub(last) > life {
+                doomed.push((*k, *v));
+                if let Some(p) = partner {
+                    doomed.push((pk, *p));
+                }
+            }
+        }
+        for (k, seen) in doomed {
+            // Re-read: the datapath may have refreshed the flow after the walk.
+            match self.map.get(&k, 0) {
+                Ok(cur) if cur.last_seen_ns != seen.last_seen_ns || cur.flags != seen.flags => {
+                    report.raced += 1;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => continue,
+            }
+            if self.map.remove(&k).is_ok() {
+                report.deleted += 1;
+            }
+        }
+        report.remaining = report.scanned - report.deleted.min(report.scanned);
+        Ok(report)
+    }
+}
+
+/// Cilium's adaptive interval.
+pub fn next_interval(cur: Duration, report: &GcReport) -> Duration {
+    if report.scanned == 0 {
+        return (cur.mul_f64(1.5)).min(GC_MAX_INTERVAL);
+    }
+    let ratio = report.deleted as f64 / report.scanned as f64;
+    if ratio > 0.25 {
+        (cur / 2).max(GC_MIN_INTERVAL)
+    } else if ratio < 0.05 {
+        cur.mul_f64(1.5).min(GC_MAX_INTERVAL)
+    } else {
+        cur
+    }
+}
+
+/// The background GC thread; stopped and joined on drop.
+pub(crate) struct GcThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl GcThread {
+    /// Starts collecting `map` every `fixed` interval, or adaptively from [`GC_START_INTERVAL`].
+    pub(crate) fn start(mut map: CtMap, stats: Arc<CtStats>, fixed: Option<Duration>) -> GcThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        stats.max_entries.store(u64::from(map.max_entries()), Ordering::Relaxed);
+        let handle = std::thread::Builder::new()
+            .name("kp-ct-gc".into())
+            .spawn(move || {
+                let mut interval = fixed.unwrap_or(GC_START_INTERVAL);
+                let mut next = Instant::now() + interval;
+                while !flag.load(Ordering::Relaxed) {
+                    stats.interval_s.store(interval.as_secs(), Ordering::Relaxed);
+                    if Instant::now() < next {
+                        // Short sleeps so drop (stop) never waits long.
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                    match map.gc_pass(monotonic_ns()) {
+                        Ok(r) => {
+                            stats.runs.fetch_add(1, Ordering::Relaxed);
+                            stats.deleted.fetch_add(r.deleted, Ordering::Relaxed);
+                            stats.entries.store(r.remaining, Ordering::Relaxed);
+                            debug!(scanned = r.scanned, deleted = r.deleted, raced = r.raced, "conntrack GC pass");
+                            if fixed.is_none() {
+                                interval = next_interval(interval, &r);
+                            }
+                        }
+                        Err(e) => {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, "conntrack GC pass failed");
+                        }
+                    }
+                    next = Instant::now() + interval;
+                }
+            })
+            .expect("spawning the conntrack GC thread");
+        GcThread { stop, handle: Some(handle) }
+    }
+}
+
+impl Drop for GcThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ebpf_common::{CT_DIR_FWD, PROTO_UDP};
+
+    fn pair(proto: u8, fwd_flags: u8, rep_flags: u8) -> (CtKey, CtValue, CtKey, CtValue) {
+        let k = CtKey { saddr: [1; 4], daddr: [2; 4], sport: 1, dport: 2, proto, dir: CT_DIR_FWD, _pad: [0; 2] };
+        let v = CtValue {
+            nat_saddr: [3; 4],
+            nat_daddr: [4; 4],
+            nat_sport: 3,
+            nat_dport: 4,
+            flags: fwd_flags,
+            ..Default::default()
+        };
+        let pk = v.partner(&k);
+        let pv = CtValue {
+            nat_saddr: [2; 4],
+            nat_daddr: [1; 4],
+            nat_sport: 2,
+            nat_dport: 1,
+            flags: rep_flags,
+            ..Default::default()
+        };
+        (k, v, pk, pv)
+    }
+
+    #[test]
+    fn partners_point_at_each_other() {
+        let (k, v, pk, pv) = pair(PROTO_TCP, 0, 0);
+        assert_eq!(pk.dir, CT_DIR_REPLY);
+        assert_eq!(pv.partner(&pk), k);
+        assert_eq!(v.partner(&k), pk);
+    }
+
+    #[test]
+    fn lifetimes_follow_protocol_and_state() {
+        let (k, v, pk, pv) = pair(PROTO_TCP, CT_F_SEEN, 0);
+        assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::TCP_SYN);
+        let (k, v, _, pv) = pair(PROTO_TCP, CT_F_SEEN, CT_F_SEEN);
+        assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::TCP_ESTABLISHED);
+        assert_eq!(lifetime_s(&pk, &pv, Some(&v)), ct_lifetime::TCP_ESTABLISHED);
+        let (k, v, _, pv) = pair(PROTO_TCP, CT_F_SEEN | CT_F_CLOSING, CT_F_SEEN);
+        assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::TCP_CLOSING);
+        let (k, v, _, pv) = pair(PROTO_UDP, CT_F_SEEN, CT_F_SEEN);
+        assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::NON_TCP);
+    }
+
+    #[test]
+    fn interval_adapts_within_bounds() {
+        let r = |scanned, deleted| GcReport { scanned, deleted, ..Default::default() };
+        assert_eq!(next_interval(Duration::from_secs(60), &r(100, 50)), Duration::from_secs(30));
+        assert_eq!(next_interval(Duration::from_secs(12), &r(100, 50)), GC_MIN_INTERVAL);
+        assert_eq!(next_interval(Duration::from_secs(60), &r(100, 1)), Duration::from_secs(90));
+        assert_eq!(next_interval(GC_MAX_INTERVAL, &r(100, 1)), GC_MAX_INTERVAL);
+        assert_eq!(next_interval(Duration::from_secs(60), &r(100, 10)), Duration::from_secs(60));
+    }
+}
