@@ -113,6 +113,35 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
             opts.metrics = Some(metrics.clone());
             Ok(BuiltBackend::plain(Box::new(proxy_iptables::IptablesBackend::new(opts)?)))
         }
+        ProxyMode::Ipvs => {
+            let c = &run.config;
+            let ipt_opts = iptables_options(run)?; // the same local-detector and nodePortAddresses parsing
+            let mut o = proxy_ipvs::IpvsOptions::new();
+            o.scheduler = c.ipvs.scheduler.clone();
+            o.strict_arp = c.ipvs.strict_arp;
+            o.exclude_cidrs = c
+                .ipvs
+                .exclude_cidrs
+                .iter()
+                .flatten()
+                .map(|s| {
+                    s.parse().map_err(|e| BackendInitError::Setup(anyhow::anyhow!("ipvs.excludeCIDRs {s:?}: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+            let secs = |d: crate::config::GoDuration| u32::try_from(d.to_std().as_secs()).unwrap_or(u32::MAX);
+            o.timeouts = (secs(c.ipvs.tcp_timeout), secs(c.ipvs.tcp_fin_timeout), secs(c.ipvs.udp_timeout));
+            o.masquerade_all = run.masquerade_all();
+            o.masquerade_bit = u32::try_from(run.masquerade_bit()).unwrap_or(14);
+            o.local_detector = ipt_opts.local_detector;
+            o.node_port_addresses = ipt_opts.node_port_addresses;
+            // Fails first, naming the missing kernel module, before anything on the node is touched.
+            let backend = proxy_ipvs::IpvsBackend::new(o).map_err(|e| BackendInitError::Setup(e.into()))?;
+            let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
+            if let Err(e) = proxy_iptables::cleanup_for_mode(&ipt, proxy_iptables::ProxyMode::Ipvs) {
+                tracing::warn!(error = %e, "Cleaning up other proxy modes' rules failed; continuing");
+            }
+            Ok(BuiltBackend::plain(Box::new(backend)))
+        }
         other => Err(BackendInitError::NotBuilt(mode_name(other))),
     }
 }

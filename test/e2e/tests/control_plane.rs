@@ -470,3 +470,29 @@ fn health_check_node_port_follows_local_ready_endpoints() {
     .unwrap();
     assert!(wait_for(T, || http_get(hc, "/").is_none().then_some(())).is_some(), "listener closed");
 }
+
+#[test]
+fn ipvs_mode_without_the_kernel_module_exits_naming_it() {
+    if !e2e::is_root() {
+        println!("SKIP ipvs_mode_without_the_kernel_module_exits_naming_it: needs root for a network namespace");
+        return;
+    }
+    if std::path::Path::new("/proc/net/ip_vs").exists() {
+        println!("SKIP ipvs_mode_without_the_kernel_module_exits_naming_it: this kernel has IPVS");
+        return;
+    }
+    // In a namespace of its own: whatever start-up touches stays there.
+    let ns = Netns::new("ipvs");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kc"), "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    server: http://127.0.0.1:1\n  name: c\ncontexts:\n- context:\n    cluster: c\n    user: u\n  name: c\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n").unwrap();
+    let bin = e2e::kube_proxy_bin();
+    let kc = format!("--kubeconfig={}", dir.path().join("kc").display());
+    let out = ns.exec(
+        bin.to_str().unwrap(),
+        &["--proxy-mode=ipvs", &kc, "--hostname-override=node-a", "--healthz-bind-address=", "--metrics-bind-address="],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ip_vs"), "the error must name the missing module: {stderr}");
+}
