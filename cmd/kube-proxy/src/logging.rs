@@ -16,7 +16,9 @@ pub fn init(verbosity: u32, format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{},h2=info,hyper=info,tower=info,rustls=info", level_for_verbosity(verbosity)))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: logs in files and pipes stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let result = if format == "json" { builder.json().try_init() } else { builder.try_init() };
     if result.is_err() {
         eprintln!("warning: logging was already initialised");

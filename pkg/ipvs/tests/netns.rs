@@ -25,6 +25,12 @@ fn in_netns<T: Send>(test: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
 fn skip(test: &str, why: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+    // hack/test.sh lists skipped tests at the end: the runner hides a passing test's output.
+    if let Some(path) = std::env::var_os("KP_SKIP_LOG")
+        && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(f, "SKIP {test}: {why}");
+    }
 }
 
 fn ipvs_present(test: &str) -> bool {

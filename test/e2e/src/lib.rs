@@ -7,6 +7,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Reports a skipped test: printed, and appended to the file named by `KP_SKIP_LOG` (hack/test.sh sets it and
+/// prints the file at the end, because the test runner hides the output of tests that pass).
+pub fn note_skip(line: &str) {
+    println!("SKIP {line}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "SKIP {line}");
+        }
+    }
+}
+
+/// The variable naming the file skipped tests are listed in.
+pub const SKIP_LOG_ENV: &str = "KP_SKIP_LOG";
+
+/// `skip!("{test}: {reason}")`: [`note_skip`] with `format!` arguments.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => { $crate::note_skip(&format!($($arg)*)) };
+}
+
 pub mod bench;
 pub mod lab;
 pub mod objects;

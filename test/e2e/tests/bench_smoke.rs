@@ -16,7 +16,7 @@ const BOUND: Duration = Duration::from_secs(600);
 #[test]
 fn quick_bench_writes_every_expected_row() {
     if let Some(reason) = skip_reason() {
-        println!("SKIP quick_bench_writes_every_expected_row: {reason}");
+        e2e::skip!("quick_bench_writes_every_expected_row: {reason}");
         return;
     }
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));

@@ -399,7 +399,7 @@ impl Drop for Netns {
 #[test]
 fn cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero() {
     if !e2e::is_root() || std::process::Command::new("iptables-restore").arg("--version").output().is_err() {
-        println!("SKIP cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero: needs root and iptables");
+        e2e::skip!("cleanup_removes_upstream_rules_in_its_namespace_and_exits_zero: needs root and iptables");
         return;
     }
     let ns = Netns::new("cleanup");
@@ -474,11 +474,11 @@ fn health_check_node_port_follows_local_ready_endpoints() {
 #[test]
 fn ipvs_mode_without_the_kernel_module_exits_naming_it() {
     if !e2e::is_root() {
-        println!("SKIP ipvs_mode_without_the_kernel_module_exits_naming_it: needs root for a network namespace");
+        e2e::skip!("ipvs_mode_without_the_kernel_module_exits_naming_it: needs root for a network namespace");
         return;
     }
     if std::path::Path::new("/proc/net/ip_vs").exists() {
-        println!("SKIP ipvs_mode_without_the_kernel_module_exits_naming_it: this kernel has IPVS");
+        e2e::skip!("ipvs_mode_without_the_kernel_module_exits_naming_it: this kernel has IPVS");
         return;
     }
     // In a namespace of its own: whatever start-up touches stays there.

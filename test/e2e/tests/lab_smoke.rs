@@ -20,7 +20,7 @@ fn config() -> LabConfig {
 #[test]
 fn cluster_ip_from_pods_and_node_processes_then_clean_teardown() {
     if let Some(reason) = skip_reason() {
-        println!("SKIP cluster_ip_from_pods_and_node_processes_then_clean_teardown: {reason}");
+        e2e::skip!("cluster_ip_from_pods_and_node_processes_then_clean_teardown: {reason}");
         return;
     }
     let mut lab = Lab::new(config()).expect("lab up");
@@ -72,7 +72,7 @@ fn cluster_ip_from_pods_and_node_processes_then_clean_teardown() {
 #[test]
 fn failed_build_and_drop_leave_nothing() {
     if let Some(reason) = skip_reason() {
-        println!("SKIP failed_build_and_drop_leave_nothing: {reason}");
+        e2e::skip!("failed_build_and_drop_leave_nothing: {reason}");
         return;
     }
     // A lab dropped without shutdown() (as on panic) cleans up too; no proxies keeps this one fast.
@@ -90,7 +90,7 @@ fn failed_build_and_drop_leave_nothing() {
 #[test]
 fn proxy_kill_and_restart_keep_connections_and_service() {
     if let Some(reason) = skip_reason() {
-        println!("SKIP proxy_kill_and_restart_keep_connections_and_service: {reason}");
+        e2e::skip!("proxy_kill_and_restart_keep_connections_and_service: {reason}");
         return;
     }
     let mut lab = Lab::new(LabConfig { pods_per_node: 1, ..config() }).expect("lab up");

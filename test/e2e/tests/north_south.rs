@@ -78,7 +78,7 @@ impl Drop for Scenario {
 fn up(mode: &str, scenario: &str) -> Option<Scenario> {
     let test = format!("{mode}_{scenario}");
     if let Some(reason) = skip_reason() {
-        println!("SKIP {test}: {reason}");
+        e2e::skip!("{test}: {reason}");
         return None;
     }
     match Lab::new(config(mode)) {
@@ -86,7 +86,7 @@ fn up(mode: &str, scenario: &str) -> Option<Scenario> {
         Err(e) => {
             let text = format!("{e:#}");
             if let Some(line) = text.lines().find(|l| l.contains("not built yet")) {
-                println!("SKIP {test}: {mode} backend not available: {}", line.trim());
+                e2e::skip!("{test}: {mode} backend not available: {}", line.trim());
                 return None;
             }
             panic!("{test}: lab did not come up: {text}");

@@ -1,7 +1,7 @@
 //! Service scenarios ported from `[sig-network] Services [Conformance]` (and the non-conformance datapath
 //! cases a kube-proxy replacement is judged by), run against the real `kube-proxy` binary in the lab for every
 //! backend: each scenario is a `fn name(mode)` and [`per_mode!`] makes one `#[test]` per mode of it
-//! (`ebpf_<name>`, `iptables_<name>`). Every test builds its own small lab (namespaces as nodes and pods, real
+//! (`ebpf_<name>`, `iptables_<name>`, `ipvs_<name>`). Every test builds its own small lab (namespaces as nodes and pods, real
 //! sockets through the real kernel), creates its own Services and tears the lab down, asserting nothing is left.
 //!
 //! Privileged: without root, cgroup2 or bpffs every test prints `SKIP <test>: <reason>` and returns; so does a
@@ -31,7 +31,7 @@ const ECONNREFUSED: i32 = libc::ECONNREFUSED;
 
 /// One `#[test]` per mode for each scenario; the names are spelled out so they can be grepped and filtered.
 macro_rules! per_mode {
-    ($($scenario:ident => $ebpf:ident, $iptables:ident;)*) => {$(
+    ($($scenario:ident => $ebpf:ident, $iptables:ident, $ipvs:ident;)*) => {$(
         #[test]
         fn $ebpf() {
             $scenario("ebpf")
@@ -40,45 +40,49 @@ macro_rules! per_mode {
         fn $iptables() {
             $scenario("iptables")
         }
+        #[test]
+        fn $ipvs() {
+            $scenario("ipvs")
+        }
     )*};
 }
 
 per_mode! {
-    cluster_ip_tcp_udp => ebpf_cluster_ip_tcp_udp, iptables_cluster_ip_tcp_udp;
+    cluster_ip_tcp_udp => ebpf_cluster_ip_tcp_udp, iptables_cluster_ip_tcp_udp, ipvs_cluster_ip_tcp_udp;
     reverse_translation_shows_cluster_ip => ebpf_reverse_translation_shows_cluster_ip,
-        iptables_reverse_translation_shows_cluster_ip;
-    multi_port => ebpf_multi_port, iptables_multi_port;
-    same_port_tcp_and_udp => ebpf_same_port_tcp_and_udp, iptables_same_port_tcp_and_udp;
-    endpoints_scale_1_3_0_2 => ebpf_endpoints_scale_1_3_0_2, iptables_endpoints_scale_1_3_0_2;
-    no_endpoints_refused_at_once => ebpf_no_endpoints_refused_at_once, iptables_no_endpoints_refused_at_once;
-    session_affinity_on_off_on => ebpf_session_affinity_on_off_on, iptables_session_affinity_on_off_on;
-    session_affinity_timeout => ebpf_session_affinity_timeout, iptables_session_affinity_timeout;
-    internal_traffic_policy_local => ebpf_internal_traffic_policy_local, iptables_internal_traffic_policy_local;
-    terminating_endpoint_fallback => ebpf_terminating_endpoint_fallback, iptables_terminating_endpoint_fallback;
+        iptables_reverse_translation_shows_cluster_ip, ipvs_reverse_translation_shows_cluster_ip;
+    multi_port => ebpf_multi_port, iptables_multi_port, ipvs_multi_port;
+    same_port_tcp_and_udp => ebpf_same_port_tcp_and_udp, iptables_same_port_tcp_and_udp, ipvs_same_port_tcp_and_udp;
+    endpoints_scale_1_3_0_2 => ebpf_endpoints_scale_1_3_0_2, iptables_endpoints_scale_1_3_0_2, ipvs_endpoints_scale_1_3_0_2;
+    no_endpoints_refused_at_once => ebpf_no_endpoints_refused_at_once, iptables_no_endpoints_refused_at_once, ipvs_no_endpoints_refused_at_once;
+    session_affinity_on_off_on => ebpf_session_affinity_on_off_on, iptables_session_affinity_on_off_on, ipvs_session_affinity_on_off_on;
+    session_affinity_timeout => ebpf_session_affinity_timeout, iptables_session_affinity_timeout, ipvs_session_affinity_timeout;
+    internal_traffic_policy_local => ebpf_internal_traffic_policy_local, iptables_internal_traffic_policy_local, ipvs_internal_traffic_policy_local;
+    terminating_endpoint_fallback => ebpf_terminating_endpoint_fallback, iptables_terminating_endpoint_fallback, ipvs_terminating_endpoint_fallback;
     type_cluster_ip_node_port_cluster_ip => ebpf_type_cluster_ip_node_port_cluster_ip,
-        iptables_type_cluster_ip_node_port_cluster_ip;
+        iptables_type_cluster_ip_node_port_cluster_ip, ipvs_type_cluster_ip_node_port_cluster_ip;
     node_port_from_pod_via_node_address => ebpf_node_port_from_pod_via_node_address,
-        iptables_node_port_from_pod_via_node_address;
+        iptables_node_port_from_pod_via_node_address, ipvs_node_port_from_pod_via_node_address;
     node_port_via_other_node_address => ebpf_node_port_via_other_node_address,
-        iptables_node_port_via_other_node_address;
+        iptables_node_port_via_other_node_address, ipvs_node_port_via_other_node_address;
     type_external_name_cluster_ip_external_name => ebpf_type_external_name_cluster_ip_external_name,
-        iptables_type_external_name_cluster_ip_external_name;
+        iptables_type_external_name_cluster_ip_external_name, ipvs_type_external_name_cluster_ip_external_name;
     external_ip_and_load_balancer_ip_from_pod => ebpf_external_ip_and_load_balancer_ip_from_pod,
-        iptables_external_ip_and_load_balancer_ip_from_pod;
-    ipv6_cluster_ip => ebpf_ipv6_cluster_ip, iptables_ipv6_cluster_ip;
+        iptables_external_ip_and_load_balancer_ip_from_pod, ipvs_external_ip_and_load_balancer_ip_from_pod;
+    ipv6_cluster_ip => ebpf_ipv6_cluster_ip, iptables_ipv6_cluster_ip, ipvs_ipv6_cluster_ip;
     ipv4_mapped_ipv6_to_ipv4_cluster_ip => ebpf_ipv4_mapped_ipv6_to_ipv4_cluster_ip,
-        iptables_ipv4_mapped_ipv6_to_ipv4_cluster_ip;
-    hairpin => ebpf_hairpin, iptables_hairpin;
-    ignored_services_and_slices => ebpf_ignored_services_and_slices, iptables_ignored_services_and_slices;
+        iptables_ipv4_mapped_ipv6_to_ipv4_cluster_ip, ipvs_ipv4_mapped_ipv6_to_ipv4_cluster_ip;
+    hairpin => ebpf_hairpin, iptables_hairpin, ipvs_hairpin;
+    ignored_services_and_slices => ebpf_ignored_services_and_slices, iptables_ignored_services_and_slices, ipvs_ignored_services_and_slices;
     malformed_objects_do_not_disturb_others => ebpf_malformed_objects_do_not_disturb_others,
-        iptables_malformed_objects_do_not_disturb_others;
+        iptables_malformed_objects_do_not_disturb_others, ipvs_malformed_objects_do_not_disturb_others;
     endpoints_and_ports_across_slices => ebpf_endpoints_and_ports_across_slices,
-        iptables_endpoints_and_ports_across_slices;
-    churn_500_endpoint_changes => ebpf_churn_500_endpoint_changes, iptables_churn_500_endpoint_changes;
-    restart_kill_9_during_traffic => ebpf_restart_kill_9_during_traffic, iptables_restart_kill_9_during_traffic;
-    measure_programming_latency => ebpf_measure_programming_latency, iptables_measure_programming_latency;
+        iptables_endpoints_and_ports_across_slices, ipvs_endpoints_and_ports_across_slices;
+    churn_500_endpoint_changes => ebpf_churn_500_endpoint_changes, iptables_churn_500_endpoint_changes, ipvs_churn_500_endpoint_changes;
+    restart_kill_9_during_traffic => ebpf_restart_kill_9_during_traffic, iptables_restart_kill_9_during_traffic, ipvs_restart_kill_9_during_traffic;
+    measure_programming_latency => ebpf_measure_programming_latency, iptables_measure_programming_latency, ipvs_measure_programming_latency;
     measure_latency_with_10k_services => ebpf_measure_latency_with_10k_services,
-        iptables_measure_latency_with_10k_services;
+        iptables_measure_latency_with_10k_services, ipvs_measure_latency_with_10k_services;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ impl Drop for Scenario {
 fn up(mode: &str, scenario: &str, cfg: LabConfig) -> Option<Scenario> {
     let test = format!("{mode}_{scenario}");
     if let Some(reason) = skip_reason() {
-        println!("SKIP {test}: {reason}");
+        e2e::skip!("{test}: {reason}");
         return None;
     }
     match Lab::new(cfg) {
@@ -129,8 +133,9 @@ fn up(mode: &str, scenario: &str, cfg: LabConfig) -> Option<Scenario> {
         Err(e) => {
             let text = format!("{e:#}");
             // Only the proxy's own start-up verdict counts as "backend missing"; anything else is a failure.
-            if let Some(line) = text.lines().find(|l| l.contains("not built yet")) {
-                println!("SKIP {test}: {mode} backend not available: {}", line.trim());
+            // IPVS mode on a kernel without IPVS exits naming the module, as upstream does.
+            if let Some(line) = text.lines().find(|l| l.contains("not built yet") || l.contains("module ip_vs")) {
+                e2e::skip!("{test}: {mode} backend not available: {}", line.trim());
                 return None;
             }
             panic!("{test}: lab did not come up: {text}");
