@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e::lab::{
-    EXTERNAL_IP4, Ep, Family, Lab, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary, pods_answered,
-    skip_reason,
+    EXTERNAL_IP4, Ep, Family, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary, pods_answered,
+    scenario::Scenario,
 };
 use serde_json::{Value, json};
 
@@ -47,51 +47,6 @@ per_mode! {
 fn config(mode: &str) -> LabConfig {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_lab-echo")).parent().map(PathBuf::from);
     LabConfig { mode: mode.to_string(), bin_dir, verbose: true, ..LabConfig::default() }
-}
-
-/// A running lab; torn down (and checked for leftovers) on drop, also on panic.
-struct Scenario {
-    lab: Option<Lab>,
-    test: String,
-}
-
-impl Scenario {
-    fn lab(&mut self) -> &mut Lab {
-        self.lab.as_mut().expect("lab runs until drop")
-    }
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let Some(lab) = self.lab.take() else { return };
-        let footprint = lab.footprint();
-        let torn = lab.shutdown();
-        if std::thread::panicking() {
-            return;
-        }
-        torn.unwrap_or_else(|e| panic!("{}: teardown: {e:#}", self.test));
-        let left = footprint.leftovers();
-        assert!(left.is_empty(), "{}: teardown left {left:?}", self.test);
-    }
-}
-
-fn up(mode: &str, scenario: &str) -> Option<Scenario> {
-    let test = format!("{mode}_{scenario}");
-    if let Some(reason) = skip_reason() {
-        e2e::skip!("{test}: {reason}");
-        return None;
-    }
-    match Lab::new(config(mode)) {
-        Ok(lab) => Some(Scenario { lab: Some(lab), test }),
-        Err(e) => {
-            let text = format!("{e:#}");
-            if let Some(line) = text.lines().find(|l| l.contains("not built yet")) {
-                e2e::skip!("{test}: {mode} backend not available: {}", line.trim());
-                return None;
-            }
-            panic!("{test}: lab did not come up: {text}");
-        }
-    }
 }
 
 #[track_caller]
@@ -136,7 +91,7 @@ fn node_port_spec(node_port: u16, extra: Value) -> Value {
 /// `Cluster` both answer and the pod sees the other node's address when that node forwards; under `Local`
 /// only the hosting node answers and the pod sees the client.
 fn node_port_from_external_cluster_and_local(mode: &str) {
-    let Some(mut s) = up(mode, "node_port_from_external_cluster_and_local") else { return };
+    let Some(mut s) = Scenario::up("node_port_from_external_cluster_and_local", config(mode)) else { return };
     let lab = s.lab();
     let np = 30090;
     lab.apply_service("np", Family::V4, node_port_spec(np, json!({}))).unwrap();
@@ -172,7 +127,7 @@ fn node_port_from_external_cluster_and_local(mode: &str) {
 /// ExternalIP and LoadBalancer IP from outside (routed to node 0), with `loadBalancerSourceRanges` that allow
 /// and then exclude the client; the ranges never restrict the ExternalIP.
 fn external_ip_and_lb_source_ranges_from_external(mode: &str) {
-    let Some(mut s) = up(mode, "external_ip_and_lb_source_ranges_from_external") else { return };
+    let Some(mut s) = Scenario::up("external_ip_and_lb_source_ranges_from_external", config(mode)) else { return };
     let lab = s.lab();
     lab.route_external_via("198.19.254.0/24", 0).unwrap();
     let (external_ip, lb_ip) = ("198.19.254.1", "198.19.254.2");
@@ -200,7 +155,7 @@ fn external_ip_and_lb_source_ranges_from_external(mode: &str) {
 /// 1,000 connections from outside to one node's NodePort spread over four backends on both nodes within
 /// ±20% of uniform.
 fn node_port_1000_connections_spread(mode: &str) {
-    let Some(mut s) = up(mode, "node_port_1000_connections_spread") else { return };
+    let Some(mut s) = Scenario::up("node_port_1000_connections_spread", config(mode)) else { return };
     let lab = s.lab();
     let pods = ["pod-0-0", "pod-0-1", "pod-1-0", "pod-1-1"];
     lab.apply_service("spread", Family::V4, node_port_spec(30092, json!({}))).unwrap();
@@ -219,7 +174,7 @@ fn node_port_1000_connections_spread(mode: &str) {
 /// A long-lived TCP connection from outside through a NodePort forwarded to the other node (SNAT) survives
 /// `kill -9` and restart of that node's proxy.
 fn node_port_connection_survives_kill_9(mode: &str) {
-    let Some(mut s) = up(mode, "node_port_connection_survives_kill_9") else { return };
+    let Some(mut s) = Scenario::up("node_port_connection_survives_kill_9", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service("hold", Family::V4, node_port_spec(30093, json!({}))).unwrap();
     lab.set_endpoints("hold", &[Ep::ready("pod-1-0")]).unwrap();

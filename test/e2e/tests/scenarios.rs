@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use e2e::lab::{
     Ep, Family, Lab, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary, pods_answered, quantile,
-    skip_reason,
+    scenario::Scenario,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
@@ -93,54 +93,6 @@ fn config(mode: &str) -> LabConfig {
     // lab-echo and lab-client sit next to kube-proxy in target/<profile>/.
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_lab-echo")).parent().map(PathBuf::from);
     LabConfig { mode: mode.to_string(), bin_dir, verbose: true, ..LabConfig::default() }
-}
-
-/// A running lab plus what must be gone after it; tears down (and checks) on drop, also on panic.
-struct Scenario {
-    lab: Option<Lab>,
-    test: String,
-}
-
-impl Scenario {
-    fn lab(&mut self) -> &mut Lab {
-        self.lab.as_mut().expect("lab runs until drop")
-    }
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let Some(lab) = self.lab.take() else { return };
-        let footprint = lab.footprint();
-        let torn = lab.shutdown();
-        if std::thread::panicking() {
-            return;
-        }
-        torn.unwrap_or_else(|e| panic!("{}: teardown: {e:#}", self.test));
-        let left = footprint.leftovers();
-        assert!(left.is_empty(), "{}: teardown left {left:?}", self.test);
-    }
-}
-
-/// Builds the lab for `mode`, or prints why this test cannot run here and returns `None`.
-fn up(mode: &str, scenario: &str, cfg: LabConfig) -> Option<Scenario> {
-    let test = format!("{mode}_{scenario}");
-    if let Some(reason) = skip_reason() {
-        e2e::skip!("{test}: {reason}");
-        return None;
-    }
-    match Lab::new(cfg) {
-        Ok(lab) => Some(Scenario { lab: Some(lab), test }),
-        Err(e) => {
-            let text = format!("{e:#}");
-            // Only the proxy's own start-up verdict counts as "backend missing"; anything else is a failure.
-            // IPVS mode on a kernel without IPVS exits naming the module, as upstream does.
-            if let Some(line) = text.lines().find(|l| l.contains("not built yet") || l.contains("module ip_vs")) {
-                e2e::skip!("{test}: {mode} backend not available: {}", line.trim());
-                return None;
-            }
-            panic!("{test}: lab did not come up: {text}");
-        }
-    }
 }
 
 fn set(pods: &[&str]) -> BTreeSet<String> {
@@ -298,7 +250,7 @@ fn pct(v: &[u64], q: f64) -> u64 {
 /// "should serve a basic endpoint from pods": one Service with a TCP and a UDP port over pods of both nodes,
 /// reached from pods and from node processes of both nodes; pods see the client pod's own address (no SNAT).
 fn cluster_ip_tcp_udp(mode: &str) {
-    let Some(mut s) = up(mode, "cluster_ip_tcp_udp", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("cluster_ip_tcp_udp", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     lab.apply_service(
@@ -329,7 +281,7 @@ fn cluster_ip_tcp_udp(mode: &str) {
 /// The application sees the address it dialled: TCP getpeername and the source of UDP replies are the
 /// ClusterIP and Service port (80, not the target port 8080), IPv4 and IPv6, from a pod and a node process.
 fn reverse_translation_shows_cluster_ip(mode: &str) {
-    let Some(mut s) = up(mode, "reverse_translation_shows_cluster_ip", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("reverse_translation_shows_cluster_ip", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     let ports = json!({"spec": {"ports": [tcp_port("tcp", 80, 8080), udp_port("udp", 80, 8080)]}});
@@ -356,7 +308,7 @@ fn reverse_translation_shows_cluster_ip(mode: &str) {
 /// "should serve multiport endpoints from pods": named ports map to different target ports (crossed over on
 /// purpose), UDP beside TCP, and a port whose target nobody listens on is refused by the pod itself.
 fn multi_port(mode: &str) {
-    let Some(mut s) = up(mode, "multi_port", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("multi_port", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     let ports =
@@ -381,7 +333,7 @@ fn multi_port(mode: &str) {
 
 /// "should serve endpoints on same port and different protocols": port 80 over TCP and over UDP in one Service.
 fn same_port_tcp_and_udp(mode: &str) {
-    let Some(mut s) = up(mode, "same_port_tcp_and_udp", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("same_port_tcp_and_udp", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     lab.apply_service(
@@ -405,7 +357,7 @@ fn same_port_tcp_and_udp(mode: &str) {
 
 /// Endpoints scaled 1 → 3 → 0 → 2; traffic follows each step, and with none a connect is refused at once.
 fn endpoints_scale_1_3_0_2(mode: &str) {
-    let Some(mut s) = up(mode, "endpoints_scale_1_3_0_2", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("endpoints_scale_1_3_0_2", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service("scale", Family::V4, json!({})).unwrap();
     let vip = lab.service_addr("scale", "tcp").unwrap();
@@ -431,7 +383,7 @@ fn endpoints_scale_1_3_0_2(mode: &str) {
 /// "should be rejected when no endpoints exist": an empty slice and no slice at all both refuse at once, from a
 /// pod and a node process; UDP gets no answer.
 fn no_endpoints_refused_at_once(mode: &str) {
-    let Some(mut s) = up(mode, "no_endpoints_refused_at_once", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("no_endpoints_refused_at_once", config(mode)) else { return };
     let lab = s.lab();
     let ports = json!({"spec": {"ports": [tcp_port("tcp", 80, 8080), udp_port("udp", 53, 8053)]}});
     lab.apply_service("empty", Family::V4, ports.clone()).unwrap();
@@ -460,7 +412,7 @@ fn no_endpoints_refused_at_once(mode: &str) {
 
 /// "should be able to switch session affinity": ClientIP on (one backend per client), off (spread), on again.
 fn session_affinity_on_off_on(mode: &str) {
-    let Some(mut s) = up(mode, "session_affinity_on_off_on", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("session_affinity_on_off_on", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0", "pod-1-1"];
     lab.apply_service("aff", Family::V4, json!({})).unwrap();
@@ -490,7 +442,7 @@ fn session_affinity_on_off_on(mode: &str) {
 /// "should have session affinity timeout work": within the timeout a client sticks to its backend; after
 /// more than the timeout idle, it is load balanced afresh (so some later pick lands elsewhere).
 fn session_affinity_timeout(mode: &str) {
-    let Some(mut s) = up(mode, "session_affinity_timeout", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("session_affinity_timeout", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0", "pod-1-1"];
     let timeout_s = 1u64;
@@ -525,7 +477,7 @@ fn session_affinity_timeout(mode: &str) {
 
 /// `internalTrafficPolicy: Local`: a client reaches only endpoints on its own node; with none there, no answer.
 fn internal_traffic_policy_local(mode: &str) {
-    let Some(mut s) = up(mode, "internal_traffic_policy_local", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("internal_traffic_policy_local", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service("itp", Family::V4, json!({"spec": {"internalTrafficPolicy": "Local"}})).unwrap();
     lab.set_endpoints("itp", &["pod-0-1", "pod-1-0", "pod-1-1"].map(Ep::ready)).unwrap();
@@ -550,7 +502,7 @@ fn internal_traffic_policy_local(mode: &str) {
 /// Terminating endpoints (KEP-1669): used only when no endpoint is ready, and only while serving; not-ready
 /// endpoints never; with ITP Local the local serving-terminating endpoint wins over remote ready ones.
 fn terminating_endpoint_fallback(mode: &str) {
-    let Some(mut s) = up(mode, "terminating_endpoint_fallback", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("terminating_endpoint_fallback", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service("term", Family::V4, json!({})).unwrap();
     let vip = lab.service_addr("term", "tcp").unwrap();
@@ -601,7 +553,7 @@ fn terminating_endpoint_fallback(mode: &str) {
 /// Type ClusterIP → NodePort → ClusterIP: the node port opens (on every node's address, from a pod and a node
 /// process) and closes again; the ClusterIP keeps working throughout.
 fn type_cluster_ip_node_port_cluster_ip(mode: &str) {
-    let Some(mut s) = up(mode, "type_cluster_ip_node_port_cluster_ip", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("type_cluster_ip_node_port_cluster_ip", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     lab.apply_service("np", Family::V4, json!({})).unwrap();
@@ -663,7 +615,7 @@ fn node_port_service(lab: &mut Lab) -> [&'static str; 2] {
 /// "should be able to create a functioning NodePort service", in-cluster half: `nodeIP:nodePort` of the
 /// client's own node reached from its pods and node processes (TCP and UDP), plus the ClusterIP.
 fn node_port_from_pod_via_node_address(mode: &str) {
-    let Some(mut s) = up(mode, "node_port_from_pod_via_node_address", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("node_port_from_pod_via_node_address", config(mode)) else { return };
     let lab = s.lab();
     let backends = node_port_service(lab);
     for (i, pod) in [(0, "pod-0-0"), (1, "pod-1-1")] {
@@ -688,7 +640,7 @@ fn node_port_from_pod_via_node_address(mode: &str) {
 /// the *other* node's `nodeIP:nodePort`. Upstream serves it with that node's rules; the conformance test
 /// dials node IPs from a pod without caring which node the pod runs on.
 fn node_port_via_other_node_address(mode: &str) {
-    let Some(mut s) = up(mode, "node_port_via_other_node_address", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("node_port_via_other_node_address", config(mode)) else { return };
     let lab = s.lab();
     let backends = node_port_service(lab);
     // Own-node addresses first: proves both proxies programmed the Service.
@@ -709,7 +661,7 @@ fn node_port_via_other_node_address(mode: &str) {
 /// Type ExternalName → ClusterIP → ExternalName: an ExternalName Service (even one with endpoints and a
 /// stale clusterIP field) is not programmed; once ClusterIP it is; back to ExternalName it is removed.
 fn type_external_name_cluster_ip_external_name(mode: &str) {
-    let Some(mut s) = up(mode, "type_external_name_cluster_ip_external_name", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("type_external_name_cluster_ip_external_name", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     // Registers the Service with the lab (address and slice) ...
@@ -754,7 +706,7 @@ fn type_external_name_cluster_ip_external_name(mode: &str) {
 /// ExternalIPs and LoadBalancer ingress IPs reached from a pod and a node process (socket LB in ebpf mode);
 /// the application sees the address it dialled.
 fn external_ip_and_load_balancer_ip_from_pod(mode: &str) {
-    let Some(mut s) = up(mode, "external_ip_and_load_balancer_ip_from_pod", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("external_ip_and_load_balancer_ip_from_pod", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     // Inside the lab's Service range, which nodes route to the (non-forwarding) bridge namespace.
@@ -782,7 +734,7 @@ fn external_ip_and_load_balancer_ip_from_pod(mode: &str) {
 
 /// An IPv6 ClusterIP: TCP and UDP from pods and node processes of both nodes; no SNAT for pods.
 fn ipv6_cluster_ip(mode: &str) {
-    let Some(mut s) = up(mode, "ipv6_cluster_ip", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("ipv6_cluster_ip", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     lab.apply_service(
@@ -810,7 +762,7 @@ fn ipv6_cluster_ip(mode: &str) {
 /// An IPv6 socket dialling `::ffff:<IPv4 ClusterIP>` reaches the IPv4 Service (TCP and UDP), and sees the
 /// mapped address it dialled as the peer.
 fn ipv4_mapped_ipv6_to_ipv4_cluster_ip(mode: &str) {
-    let Some(mut s) = up(mode, "ipv4_mapped_ipv6_to_ipv4_cluster_ip", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("ipv4_mapped_ipv6_to_ipv4_cluster_ip", config(mode)) else { return };
     let lab = s.lab();
     let backends = ["pod-0-1", "pod-1-0"];
     let vip = lab
@@ -838,7 +790,7 @@ fn ipv4_mapped_ipv6_to_ipv4_cluster_ip(mode: &str) {
 
 /// "should allow pods to hairpin back to themselves through services": the only endpoint is the client pod.
 fn hairpin(mode: &str) {
-    let Some(mut s) = up(mode, "hairpin", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("hairpin", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service(
         "self",
@@ -868,7 +820,7 @@ fn hairpin(mode: &str) {
 /// are left alone; so are EndpointSlices carrying the headless or service-proxy-name label (kube-proxy's
 /// informer selector), even when they name a proxied Service.
 fn ignored_services_and_slices(mode: &str) {
-    let Some(mut s) = up(mode, "ignored_services_and_slices", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("ignored_services_and_slices", config(mode)) else { return };
     let lab = s.lab();
     let all = ["pod-0-1", "pod-1-0", "pod-1-1"];
     let other = lab
@@ -945,7 +897,7 @@ fn ignored_services_and_slices(mode: &str) {
 /// Malformed Services and EndpointSlices (bad ClusterIP, unknown protocol, port 0, bad endpoint address) do
 /// not disturb others: the proxies keep running and keep programming changes of good Services.
 fn malformed_objects_do_not_disturb_others(mode: &str) {
-    let Some(mut s) = up(mode, "malformed_objects_do_not_disturb_others", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("malformed_objects_do_not_disturb_others", config(mode)) else { return };
     let lab = s.lab();
     let from = [Place::from("pod-0-0"), Place::Node(1)];
     lab.apply_service("good", Family::V4, json!({})).unwrap();
@@ -1001,7 +953,7 @@ fn malformed_objects_do_not_disturb_others(mode: &str) {
 /// EndpointSlice conformance: endpoints of one Service spread over several slices are merged (and a deleted
 /// slice's endpoints go away), and ports spread over slices are matched per port name.
 fn endpoints_and_ports_across_slices(mode: &str) {
-    let Some(mut s) = up(mode, "endpoints_and_ports_across_slices", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("endpoints_and_ports_across_slices", config(mode)) else { return };
     let lab = s.lab();
     let from = [Place::from("pod-0-0"), Place::Node(1)];
     let p8080 = json!([{"name": "tcp", "port": 8080, "protocol": "TCP"}]);
@@ -1061,7 +1013,7 @@ fn endpoints_and_ports_across_slices(mode: &str) {
 /// 500 EndpointSlice changes (the set always keeps a ready endpoint; removed pods keep running) while clients
 /// in a pod and in a node process open connections back to back: not a single connection may fail.
 fn churn_500_endpoint_changes(mode: &str) {
-    let Some(mut s) = up(mode, "churn_500_endpoint_changes", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("churn_500_endpoint_changes", config(mode)) else { return };
     let lab = s.lab();
     let sets: [&[&str]; 7] = [
         &["pod-0-1"],
@@ -1134,7 +1086,7 @@ fn churn_500_endpoint_changes(mode: &str) {
 /// `kill -9` of the client node's proxy and a fresh start during continuous traffic (new connections and a
 /// long-lived one): zero failures; a change made while it was down is programmed after the restart.
 fn restart_kill_9_during_traffic(mode: &str) {
-    let Some(mut s) = up(mode, "restart_kill_9_during_traffic", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("restart_kill_9_during_traffic", config(mode)) else { return };
     let lab = s.lab();
     lab.apply_service("web", Family::V4, json!({})).unwrap();
     lab.set_endpoints("web", &[Ep::ready("pod-0-1"), Ep::ready("pod-1-0")]).unwrap();
@@ -1178,7 +1130,7 @@ fn restart_kill_9_during_traffic(mode: &str) {
 /// each measured by probing from a pod until the new (only) endpoint answers. A poll is one prober process
 /// (one connect); its cost bounds the resolution and is printed too.
 fn measure_programming_latency(mode: &str) {
-    let Some(mut s) = up(mode, "measure_programming_latency", config(mode)) else { return };
+    let Some(mut s) = Scenario::up("measure_programming_latency", config(mode)) else { return };
     let lab = s.lab();
     let pods = ["pod-0-1", "pod-1-0", "pod-1-1"];
     lab.apply_service("lat", Family::V4, json!({})).unwrap();
@@ -1217,7 +1169,7 @@ fn measure_programming_latency(mode: &str) {
 /// other Services (each with a slice of two real pod endpoints) programmed.
 fn measure_latency_with_10k_services(mode: &str) {
     let cfg = LabConfig { nodes: 1, pods_per_node: 3, ipv6: false, ..config(mode) };
-    let Some(mut s) = up(mode, "measure_latency_with_10k_services", cfg) else { return };
+    let Some(mut s) = Scenario::up("measure_latency_with_10k_services", cfg) else { return };
     let lab = s.lab();
     lab.apply_service("probe", Family::V4, json!({})).unwrap();
     lab.set_endpoints("probe", &[Ep::ready("pod-0-1")]).unwrap();

@@ -18,6 +18,7 @@
 //! they die with the lab even when the process is killed.
 
 mod probe;
+pub mod scenario;
 mod services;
 mod sys;
 
