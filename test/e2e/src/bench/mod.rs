@@ -53,7 +53,8 @@ const fn m(name: &'static str, unit: &'static str, what: &'static str) -> Metric
     MetricDef { name, unit, what }
 }
 
-/// Every metric, in table order. The last two are backend-specific (see [`expected_metrics`]).
+/// Every metric, in table order. The `*_failed` ones appear only when something failed; the last two are
+/// backend-specific (see [`expected_metrics`]).
 pub const METRICS: &[MetricDef] = &[
     m("full_sync", "s", "cold start (after --cleanup) until the last Service answers"),
     m("proxy_sync", "s", "kubeproxy_sync_proxy_rules_duration_seconds sum over that start"),
@@ -65,9 +66,12 @@ pub const METRICS: &[MetricDef] = &[
     m("conn_direct_p99", "us", "same, p99"),
     m("conn_ratio_p50", "x", "ClusterIP / direct, p50 (1.0 is the physical limit)"),
     m("conn_ratio_p99", "x", "ClusterIP / direct, p99"),
+    m("conn_clusterip_failed", "%", "exchanges via the ClusterIP not done within the 1 s connect bound (only if any)"),
+    m("conn_direct_failed", "%", "same to the pod IPs (only if any)"),
     m("rps_clusterip", "req/s", "new connection per request, concurrent clients, via the ClusterIP"),
     m("rps_direct", "req/s", "same to the pod IPs"),
     m("rps_ratio", "x", "ClusterIP / direct"),
+    m("rps_clusterip_failed", "%", "throughput exchanges via the ClusterIP that failed (only if any)"),
     m("bulk_clusterip", "Gbit/s", "one iperf3 TCP stream via the ClusterIP"),
     m("bulk_direct", "Gbit/s", "same to the pod IP"),
     m("bulk_ratio", "x", "ClusterIP / direct"),
@@ -93,6 +97,8 @@ pub fn expected_metrics(backend: &str, with_bulk: bool) -> Vec<&'static str> {
         .iter()
         .map(|d| d.name)
         .filter(|n| with_bulk || !n.starts_with("bulk_"))
+        // Failure rows exist only when something failed.
+        .filter(|n| !n.ends_with("_failed"))
         .filter(|n| match *n {
             "bpf_map_memory" => backend == "ebpf",
             "iptables_rules" => backend == "iptables",
@@ -301,6 +307,7 @@ mod tests {
         assert!(expected_metrics("ebpf", true).contains(&"bpf_map_memory"));
         assert!(!expected_metrics("ebpf", true).contains(&"iptables_rules"));
         assert!(!expected_metrics("iptables", false).contains(&"bulk_ratio"));
+        assert!(!expected_metrics("iptables", true).contains(&"conn_clusterip_failed"));
         assert!(METRICS.iter().all(|d| metric_def(d.name).is_some()));
     }
 }
