@@ -74,10 +74,14 @@ pub mod program_names {
     pub const TC_ALL: [&str; 2] = [TC_INGRESS, TC_EGRESS];
 }
 
-/// Maximum entries of [`map_names::SERVICES`] (frontends × (backends + 1) × scopes).
-pub const SERVICES_MAX_ENTRIES: u32 = 65536;
-/// Maximum entries of [`map_names::BACKENDS`].
-pub const BACKENDS_MAX_ENTRIES: u32 = 65536;
+/// Maximum entries of [`map_names::SERVICES`] (frontends × (backends + 1) × scopes): room for 100k Service
+/// ports of 10 endpoints with two frontends each. Not preallocated ([`HASH_NO_PREALLOC`]), so memory follows
+/// what is programmed, not this bound.
+pub const SERVICES_MAX_ENTRIES: u32 = 1 << 22;
+/// Maximum entries of [`map_names::BACKENDS`] (one per endpoint per service port); not preallocated.
+pub const BACKENDS_MAX_ENTRIES: u32 = 1 << 21;
+/// `BPF_F_NO_PREALLOC`: hash map entries are allocated on insert instead of all at map creation.
+pub const HASH_NO_PREALLOC: u32 = 1;
 /// Maximum entries of [`map_names::REV_NAT`]; also the size of the counters array, so service ids are
 /// `1..MAX_SERVICE_ID` inclusive.
 pub const REV_NAT_MAX_ENTRIES: u32 = 65536;

@@ -20,17 +20,18 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ebpf_common::{
-    AFFINITY_MAX_ENTRIES, Addr, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendValue, REV_NAT_MAX_ENTRIES,
-    RevNatValue, SCOPE_EXT, SCOPE_INT, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES, SVC_FLAG_AFFINITY,
-    SVC_FLAG_LOCAL_SCOPE, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, addr_from_v4,
-    addr_to_v4,
+    AFFINITY_MAX_ENTRIES, Addr, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendValue, HASH_NO_PREALLOC,
+    REV_NAT_MAX_ENTRIES, RevNatValue, SCOPE_EXT, SCOPE_INT, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES,
+    SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL_SCOPE, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    addr_from_v4, addr_to_v4,
 };
 
 #[map]
-static KP_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(SERVICES_MAX_ENTRIES, 0);
+static KP_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(SERVICES_MAX_ENTRIES, HASH_NO_PREALLOC);
 
 #[map]
-static KP_BACKENDS: HashMap<u32, BackendValue> = HashMap::with_max_entries(BACKENDS_MAX_ENTRIES, 0);
+static KP_BACKENDS: HashMap<u32, BackendValue> = HashMap::with_max_entries(BACKENDS_MAX_ENTRIES, HASH_NO_PREALLOC);
 
 // Not read by the socket programs; declared here so the object owns its definition (userspace rebuilds the
 // service-id allocation from it, and the future tc programs will use it).

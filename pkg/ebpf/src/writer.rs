@@ -303,7 +303,9 @@ impl<M: LbMaps> MapWriter<M> {
         for _ in 0..MAX_SERVICE_ID {
             let id = self.next_service_id;
             self.next_service_id = if id >= MAX_SERVICE_ID { 1 } else { id + 1 };
-            if !self.services.contains_key(&id) && !self.names.values().any(|&v| v == id) {
+            // Every named id is also in `services` (names are pruned whenever services are), so this one
+            // lookup suffices; scanning the names here made a full sync quadratic in the service count.
+            if !self.services.contains_key(&id) {
                 return Ok(id);
             }
         }
