@@ -82,9 +82,10 @@ pub const SERVICES_MAX_ENTRIES: u32 = 1 << 22;
 pub const BACKENDS_MAX_ENTRIES: u32 = 1 << 21;
 /// `BPF_F_NO_PREALLOC`: hash map entries are allocated on insert instead of all at map creation.
 pub const HASH_NO_PREALLOC: u32 = 1;
-/// Maximum entries of [`map_names::REV_NAT`]; also the size of the counters array, so service ids are
-/// `1..MAX_SERVICE_ID` inclusive.
-pub const REV_NAT_MAX_ENTRIES: u32 = 65536;
+/// Maximum entries of [`map_names::REV_NAT`] (not preallocated); also the size of the per-CPU counters array
+/// (16 bytes per id per CPU: 4 MiB per CPU), so service ids are `1..MAX_SERVICE_ID` inclusive: room for 100k
+/// Service ports of each family.
+pub const REV_NAT_MAX_ENTRIES: u32 = 1 << 18;
 /// Largest service id userspace allocates (0 is never used: it means "no service").
 pub const MAX_SERVICE_ID: u32 = REV_NAT_MAX_ENTRIES - 1;
 /// Maximum entries of [`map_names::SOCK_REV_NAT`] (Cilium's default is 256k).

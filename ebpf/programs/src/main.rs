@@ -36,7 +36,7 @@ static KP_BACKENDS: HashMap<u32, BackendValue> = HashMap::with_max_entries(BACKE
 // Not read by the socket programs; declared here so the object owns its definition (userspace rebuilds the
 // service-id allocation from it, and the future tc programs will use it).
 #[map]
-static KP_REV_NAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(REV_NAT_MAX_ENTRIES, 0);
+static KP_REV_NAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(REV_NAT_MAX_ENTRIES, HASH_NO_PREALLOC);
 
 #[map]
 static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
