@@ -354,17 +354,23 @@ impl PinnedMaps {
     /// Counting a hash map walks its keys (one `BPF_MAP_GET_NEXT_KEY` per entry), so this is O(entries):
     /// up to ~260k syscalls for a full `KP_SOCK_REVNAT`, a few hundred milliseconds at worst.
     pub fn stats(&self) -> Result<Vec<MapStats>, EbpfError> {
-        self.maps.iter().map(map_stats).collect()
+        self.maps.iter().map(|m| map_stats(m, u32::MAX)).collect()
+    }
+
+    /// [`stats`](Self::stats) with each hash-map walk stopped after `count_cap` keys (a walk of a million keys
+    /// would stall a metrics scrape; `kpctl maps` counts fully): a count equal to the cap means "at least".
+    pub fn stats_capped(&self, count_cap: u32) -> Result<Vec<MapStats>, EbpfError> {
+        self.maps.iter().map(|m| map_stats(m, count_cap)).collect()
     }
 }
 
-fn map_stats(m: &PinnedMap) -> Result<MapStats, EbpfError> {
+fn map_stats(m: &PinnedMap, count_cap: u32) -> Result<MapStats, EbpfError> {
     let info = m.data.info().map_err(stat_err(&m.name, &m.path, "info"))?;
     let map_type = info.map_type().map_err(stat_err(&m.name, &m.path, "info"))?;
     let entries = match map_type {
         // Arrays are fully allocated: every index exists.
         MapType::Array | MapType::PerCpuArray => u64::from(info.max_entries()),
-        _ => count_entries(&m.data, info.key_size() as usize, info.max_entries())
+        _ => count_entries(&m.data, info.key_size() as usize, info.max_entries().min(count_cap))
             .map_err(|e| stat_err(&m.name, &m.path, "count")(MapError::IoError(e)))?,
     };
     let memory_bytes = fdinfo_field(m.data.fd().as_fd().as_raw_fd(), "memlock")

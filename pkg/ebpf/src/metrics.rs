@@ -25,6 +25,9 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tracing::warn;
 
+/// Largest hash map whose entries a scrape counts; larger ones are left out of `kubeproxy_ebpf_map_entries`.
+const MAP_ENTRY_COUNT_CAP: u32 = 65_536;
+
 use crate::EbpfError;
 use crate::ct::CtStats;
 use crate::inspect::{MapStats, PinnedMaps};
@@ -95,7 +98,8 @@ impl BpfStatsSource for PinnedStats {
     }
 
     fn map_stats(&self) -> Result<Vec<MapStats>, EbpfError> {
-        self.maps.stats()
+        // Bounded walk per map so a scrape stays fast at 100k services (millions of service-map entries).
+        self.maps.stats_capped(MAP_ENTRY_COUNT_CAP)
     }
 
     fn datapath_counters(&self) -> Result<Vec<u64>, EbpfError> {
@@ -249,7 +253,11 @@ impl Collector for EbpfCollector {
         match self.source.map_stats() {
             Ok(stats) => {
                 for s in stats {
-                    entries.with_label_values(&[&s.name]).set(i64::try_from(s.entries).unwrap_or(i64::MAX));
+                    // A walk that hit the cap is only a lower bound: leave that map's gauge out.
+                    let exact = s.entries < u64::from(MAP_ENTRY_COUNT_CAP) || s.entries == u64::from(s.max_entries);
+                    if exact {
+                        entries.with_label_values(&[&s.name]).set(i64::try_from(s.entries).unwrap_or(i64::MAX));
+                    }
                     if let Some(m) = s.memory_bytes {
                         memory.with_label_values(&[&s.name]).set(i64::try_from(m).unwrap_or(i64::MAX));
                     }
