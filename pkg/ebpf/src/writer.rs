@@ -206,7 +206,7 @@ impl<M: LbMaps> MapWriter<M> {
             let mut claimed = BTreeSet::new();
             for &family in families {
                 for (name, svc) in &snapshot.family(family).services {
-                    let id = self.service_id_for(family, name, svc, &claimed)?;
+                    let id = self.service_id_for(family, name, svc, Some(&claimed))?;
                     claimed.insert(id);
                     self.reconcile(id, family, name, svc, snapshot)?;
                     programmed += 1;
@@ -231,11 +231,10 @@ impl<M: LbMaps> MapWriter<M> {
                     }
                 }
             }
-            let claimed: BTreeSet<u32> = self.names.values().copied().collect();
             for &family in families {
                 for name in &changes.family(family).services {
                     if let Some(svc) = snapshot.family(family).services.get(name) {
-                        let id = self.service_id_for(family, name, svc, &claimed)?;
+                        let id = self.service_id_for(family, name, svc, None)?;
                         self.reconcile(id, family, name, svc, snapshot)?;
                         programmed += 1;
                     }
@@ -270,13 +269,15 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     /// The service id for a name: the one it had, else the one owning its ClusterIP frontend in the maps
-    /// (adoption after a restart), else a new one.
+    /// (adoption after a restart), else a new one. An id can be adopted only if no other name holds it:
+    /// `claimed` lists the ids taken so far in a full sync; on a partial sync (`None`) the names are asked,
+    /// only in the rare adoption case, so a partial sync does no work proportional to all services.
     fn service_id_for(
         &mut self,
         family: IpFamily,
         name: &ServicePortName,
         svc: &ServicePortState,
-        claimed: &BTreeSet<u32>,
+        claimed: Option<&BTreeSet<u32>>,
     ) -> Result<u32, EbpfError> {
         let key = (family, name.clone());
         if let Some(&id) = self.names.get(&key) {
@@ -284,7 +285,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let fe = (addr16(svc.info.cluster_ip), svc.info.port.to_be(), svc.info.protocol.number());
         let id = match self.by_cluster_ip.get(&fe) {
-            Some(&id) if !claimed.contains(&id) => {
+            Some(&id) if !claimed.map_or_else(|| self.names.values().any(|&v| v == id), |c| c.contains(&id)) => {
                 debug!(service = %name, id, "adopted service id");
                 id
             }

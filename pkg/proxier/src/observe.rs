@@ -1,13 +1,14 @@
 //! The bookkeeping around tracking and syncing that every backend shares: upstream's metrics, the proxier
 //! health state and the health-check node port servers, driven by the tracker's and runner's events.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{BackendError, SyncReport};
 use crate::healthcheck::{ProxyHealth, ServiceHealthServer};
 use crate::metrics::{Metrics, ObjectKind, TrafficPolicy};
-use crate::model::{Changes, IpFamily, Snapshot};
+use crate::model::{Changes, IpFamily, ServicePortName, ServicePortState, Snapshot};
 use crate::runner::SyncObserver;
 use crate::tracker::TrackerObserver;
 
@@ -19,6 +20,31 @@ pub struct ProxyObserver {
     families: Vec<IpFamily>,
     // Upstream counts a change pending for the families the proxier runs; remember what we announced.
     last_pending: Mutex<(usize, usize)>,
+    // Service ports dropping internal / external traffic for want of a local endpoint, per family, kept up to
+    // date from each sync's changes so the gauges cost nothing proportional to all services.
+    no_local: Mutex<[NoLocal; 2]>,
+}
+
+#[derive(Default)]
+struct NoLocal {
+    internal: BTreeSet<ServicePortName>,
+    external: BTreeSet<ServicePortName>,
+}
+
+impl NoLocal {
+    /// Re-evaluates one port: `state` is None when it is gone.
+    fn update(&mut self, name: &ServicePortName, state: Option<&ServicePortState>) {
+        self.internal.remove(name);
+        self.external.remove(name);
+        // Dropped (not rejected) traffic: endpoints exist, just none on this node.
+        let Some(st) = state.filter(|st| st.selected.local.is_empty() && st.selected.has_any) else { return };
+        if st.info.internal_policy_local {
+            self.internal.insert(name.clone());
+        }
+        if st.info.external_policy_local && st.info.externally_accessible() {
+            self.external.insert(name.clone());
+        }
+    }
 }
 
 impl ProxyObserver {
@@ -30,7 +56,14 @@ impl ProxyObserver {
         service_health: Option<ServiceHealthServer>,
         families: Vec<IpFamily>,
     ) -> Self {
-        ProxyObserver { metrics, health, service_health, families, last_pending: Mutex::new((0, 0)) }
+        ProxyObserver {
+            metrics,
+            health,
+            service_health,
+            families,
+            last_pending: Mutex::new((0, 0)),
+            no_local: Mutex::new(Default::default()),
+        }
     }
 }
 
@@ -89,7 +122,7 @@ impl SyncObserver for ProxyObserver {
             for t in &changes.family(*f).trigger_times {
                 self.metrics.observe_network_programming_since(*f, *t);
             }
-            let (internal, external) = no_local_endpoints(snapshot, *f);
+            let (internal, external) = self.update_no_local(snapshot, changes, *f);
             self.metrics.set_no_local_endpoints(TrafficPolicy::Internal, *f, internal);
             self.metrics.set_no_local_endpoints(TrafficPolicy::External, *f, external);
             self.health.updated(*f);
@@ -110,22 +143,23 @@ impl SyncObserver for ProxyObserver {
     }
 }
 
-/// Service ports with a Local policy and no local endpoint, for internal and external traffic (upstream's
-/// `sync_proxy_rules_no_local_endpoints_total`).
-fn no_local_endpoints(snapshot: &Snapshot, f: IpFamily) -> (usize, usize) {
-    let mut internal = 0;
-    let mut external = 0;
-    for state in snapshot.family(f).services.values() {
-        // Dropped (not rejected) traffic: endpoints exist, just none on this node.
-        if !state.selected.local.is_empty() || !state.selected.has_any {
-            continue;
+impl ProxyObserver {
+    /// Service ports with a Local policy and no local endpoint, for internal and external traffic (upstream's
+    /// `sync_proxy_rules_no_local_endpoints_total`): everything on a full sync, only the changed ports otherwise.
+    fn update_no_local(&self, snapshot: &Snapshot, changes: &Changes, f: IpFamily) -> (usize, usize) {
+        let mut all = self.no_local.lock().unwrap_or_else(|p| p.into_inner());
+        let set = &mut all[usize::from(f == IpFamily::V6)];
+        let services = &snapshot.family(f).services;
+        if changes.full {
+            *set = NoLocal::default();
+            for (name, st) in services {
+                set.update(name, Some(st));
+            }
+        } else {
+            for name in &changes.family(f).services {
+                set.update(name, services.get(name));
+            }
         }
-        if state.info.internal_policy_local {
-            internal += 1;
-        }
-        if state.info.external_policy_local && state.info.externally_accessible() {
-            external += 1;
-        }
+        (set.internal.len(), set.external.len())
     }
-    (internal, external)
 }

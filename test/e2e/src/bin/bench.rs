@@ -7,7 +7,7 @@
 //! the probe the bench runs inside pods (not for direct use).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -97,19 +97,6 @@ enum Cmd {
     },
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
 fn options(cli: &Cli) -> Result<Options> {
     let q = cli.quick;
     let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
@@ -139,7 +126,7 @@ fn options(cli: &Cli) -> Result<Options> {
         proxy_args: cli.proxy_args.clone(),
         verbose: cli.verbose,
         tw_reuse: !cli.no_tw_reuse,
-        interrupted: &INTERRUPTED,
+        interrupted: &e2e::lab::INTERRUPTED,
     })
 }
 
@@ -195,7 +182,7 @@ fn bench(cli: &Cli) -> Result<()> {
     println!("\n{}", report::markdown(&rows, &meta));
     println!("{}", report::summary(&rows, &meta));
     progress.step(format!("results: {}/results.json, results.md, meta.json", cli.out.display()));
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if e2e::lab::INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted (partial results written)");
     }
     if meta.backends.is_empty() {
@@ -232,7 +219,7 @@ fn main() {
         }),
         Some(Cmd::Cleanup { all_stale: false }) => Err(anyhow::anyhow!("cleanup needs --all-stale")),
         None => {
-            install_signal_handlers();
+            e2e::lab::install_interrupt_handlers();
             bench(&cli)
         }
     };

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -43,22 +43,9 @@ enum Cmd {
     },
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
 /// Fails once Ctrl-C (or SIGTERM) arrived, so `?` unwinds to the lab's teardown.
 fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) { bail!("interrupted") } else { Ok(()) }
+    if e2e::lab::INTERRUPTED.load(Ordering::SeqCst) { bail!("interrupted") } else { Ok(()) }
 }
 
 struct Progress(Instant);
@@ -291,7 +278,7 @@ fn run_demo(cli: &Cli, lab: &mut Lab, progress: &Progress) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    install_signal_handlers();
+    e2e::lab::install_interrupt_handlers();
     let result = match &cli.cmd {
         None | Some(Cmd::Demo) => demo(&cli),
         Some(Cmd::Cleanup { all_stale }) => {

@@ -1120,3 +1120,19 @@ fn pod_info(tag: &str, node: &NodeInfo, i: usize, k: usize) -> PodInfo {
 pub fn pods_answered(probes: &[Probe]) -> BTreeSet<String> {
     probes.iter().filter(|p| p.ok).filter_map(|p| p.pod().map(str::to_string)).collect()
 }
+
+/// Set by SIGINT/SIGTERM/SIGHUP once [`install_interrupt_handlers`] ran: the lab drivers poll it between steps
+/// so Ctrl-C unwinds to the lab's teardown instead of killing the process mid-way.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Routes SIGINT, SIGTERM and SIGHUP to [`INTERRUPTED`].
+pub fn install_interrupt_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_interrupt as *const () as libc::sighandler_t) };
+    }
+}
