@@ -1063,11 +1063,12 @@ fn churn_500_endpoint_changes(mode: &str) {
             let summary = client_summary(&String::from_utf8_lossy(&out.stdout)).expect("churn summary");
             let ok = summary["ok"].as_u64().unwrap_or(0);
             let failed = summary["failed"].as_u64().unwrap_or(u64::MAX);
+            // A zero tolerance fails at the window that lost a connection; a rate is checked over the run.
             assert!(
-                failed <= allowed_failures(mode, ok),
+                allowed_failures(mode, u64::MAX) > 0 || failed == 0,
                 "connections failed during churn from {f:?} (window {windows}): {summary}"
             );
-            total_failed += failed;
+            total_failed = total_failed.saturating_add(failed);
             assert!(ok > 0, "no connection at all from {f:?} in window {windows}: {summary}");
             total_ok += ok;
             total_slow += summary["slow"].as_u64().unwrap_or(0);
@@ -1078,6 +1079,10 @@ fn churn_500_endpoint_changes(mode: &str) {
          clients); {total_ok} connections, {total_failed} failed, {total_slow} slow (>= 0.9 s, a retransmitted SYN)",
         start.elapsed().as_secs_f64(),
         WINDOW
+    );
+    assert!(
+        total_failed <= allowed_failures(mode, total_ok),
+        "{total_failed} of {total_ok} connections failed during churn"
     );
     // The final state is programmed.
     wait_all(lab, &from, Proto::Tcp, vip, sets[done % sets.len()]);
