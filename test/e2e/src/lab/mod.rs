@@ -969,6 +969,24 @@ impl Lab {
 
     // ---- teardown ----
 
+    /// Netfilter modes: prints each node's conntrack table (bounded) to stderr, to explain a failed probe
+    /// (the proxy logs are printed by the teardown of a failed test).
+    pub fn dump_conntrack(&self) {
+        if !matches!(self.cfg.mode.as_str(), "iptables" | "ipvs") {
+            return;
+        }
+        for i in 0..self.nodes.len() {
+            match self.exec_in(Place::Node(i), "conntrack", &["-L"], Duration::from_secs(10)) {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let rows: Vec<&str> = text.lines().take(200).collect();
+                    eprintln!("--- conntrack of node-{i} ({} rows shown) ---\n{}", rows.len(), rows.join("\n"));
+                }
+                Err(e) => eprintln!("--- conntrack of node-{i}: {e:#}"),
+            }
+        }
+    }
+
     /// Tears the lab down now and reports what could not be removed.
     pub fn shutdown(mut self) -> Result<()> {
         let errors = self.teardown();

@@ -43,6 +43,9 @@ impl Drop for Scenario {
     fn drop(&mut self) {
         let Some(lab) = self.lab.take() else { return };
         let footprint = lab.footprint();
+        if std::thread::panicking() {
+            lab.dump_conntrack();
+        }
         let torn = lab.shutdown();
         if std::thread::panicking() {
             return;
