@@ -83,6 +83,7 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
             if let Some(entries) = bpf_conntrack_entries(run) {
                 opts.ct_max_entries = entries;
             }
+            opts.socket_lb_scope = run.socket_lb_scope;
             let backend = proxy_ebpf::EbpfBackend::new(opts).map_err(|e| BackendInitError::Setup(e.into()))?;
             // Opened before the backend moves into the runner thread; it holds its own map handles.
             let ebpf_metrics = match backend.metrics_collector() {

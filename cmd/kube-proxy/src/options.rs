@@ -2,8 +2,8 @@
 //! bare booleans, `-v 2` / `-v=2` / `-v2`, `--foo_bar` == `--foo-bar`, `--` ends flags), upstream's help and error
 //! texts, and the precedence rules between flags and `--config` that yield one [`ProxyRunConfig`].
 //!
-//! Ours on top of upstream: `--proxy-mode=ebpf` (also what an empty mode means), `--cgroup-root` and
-//! `--bpffs-root` (command line only, like `--hostname-override`).
+//! Ours on top of upstream: `--proxy-mode=ebpf` (also what an empty mode means), `--cgroup-root`,
+//! `--bpffs-root` and `--socket-lb-scope` (command line only, like `--hostname-override`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -66,6 +66,8 @@ pub enum FlagKind {
     ProxyMode,
     /// A local-traffic detection mode (checked by validation).
     LocalMode,
+    /// `all`, `opt-out` or `host-only` (checked when parsed).
+    SocketLbScope,
 }
 
 impl FlagKind {
@@ -88,6 +90,7 @@ impl FlagKind {
             FlagKind::Version => "version",
             FlagKind::ProxyMode => "ProxyMode",
             FlagKind::LocalMode => "LocalMode",
+            FlagKind::SocketLbScope => "string",
         }
     }
 
@@ -471,6 +474,15 @@ pub static FLAGS: &[FlagSpec] = &[
         "Previous minor version (<major>.<minor>, e.g. '1.36') whose hidden metrics to show again; only the \
          previous minor version is accepted. Ignored when a config file is given with --config.",
     ),
+    flag(
+        "socket-lb-scope",
+        FlagKind::SocketLbScope,
+        "all",
+        "[kube-proxy-rs] Which sockets ebpf mode load-balances at connect(): 'all' (every process in the cgroup \
+         subtree), 'opt-out' (all but pods listed with `kpctl socket-lb skip`) or 'host-only' (only the node's \
+         network namespace). Pods left out (e.g. sidecar meshes that must see the ClusterIP) are translated per \
+         packet by tc programs on the pod-facing devices. Command line only; not in the config file.",
+    ),
     FlagSpec { shorthand: Some('v'), ..flag("v", FlagKind::Level, "0", "Log verbosity level.") },
     flag(
         "version",
@@ -616,6 +628,10 @@ fn parse_value(spec: &FlagSpec, raw: &str, previous: &FlagValue, first: bool) ->
     Ok(match spec.kind {
         FlagKind::Bool => FlagValue::Bool(parse_go_bool(raw)?),
         FlagKind::Str | FlagKind::ProxyMode | FlagKind::LocalMode => FlagValue::Str(raw.to_string()),
+        FlagKind::SocketLbScope => {
+            raw.parse::<proxy_ebpf::SocketLbScope>().map_err(|e| e.to_string())?;
+            FlagValue::Str(raw.to_string())
+        }
         FlagKind::Ip => {
             if parse_ip_sloppy(raw).is_none() {
                 return Err(format!("{} is not a valid IP address", go_quote(raw)));
@@ -1030,6 +1046,8 @@ pub struct ProxyRunConfig {
     pub cgroup_root: Option<PathBuf>,
     /// `--bpffs-root`.
     pub bpffs_root: PathBuf,
+    /// `--socket-lb-scope`.
+    pub socket_lb_scope: proxy_ebpf::SocketLbScope,
     /// Effective log verbosity (`logging.verbosity`).
     pub verbosity: u32,
     /// Effective per-file verbosity (`logging.vmodule`).
@@ -1323,6 +1341,8 @@ pub fn resolve_with_hostname(
         config_file,
         cgroup_root: non_empty_path(cmd.str("cgroup-root")),
         bpffs_root: PathBuf::from(cmd.str("bpffs-root")),
+        // Checked when the flag was parsed.
+        socket_lb_scope: cmd.str("socket-lb-scope").parse().unwrap_or_default(),
         verbosity: cfg.logging.verbosity,
         vmodule: cfg.logging.vmodule.clone(),
         logging_format: cfg.logging.format.clone(),
@@ -1375,6 +1395,25 @@ mod tests {
         assert_eq!(parse_go_bool("T"), Ok(true));
         assert_eq!(parse_go_bool("0"), Ok(false));
         assert_eq!(parse_go_bool("yes").unwrap_err(), "strconv.ParseBool: parsing \"yes\": invalid syntax");
+    }
+
+    #[test]
+    fn socket_lb_scope_flag() {
+        let spec = FLAGS.iter().find(|f| f.name == "socket-lb-scope").expect("flag");
+        let prev = FlagValue::Str(String::new());
+        for v in ["all", "opt-out", "host-only"] {
+            assert!(matches!(parse_value(spec, v, &prev, true), Ok(FlagValue::Str(s)) if s == v));
+        }
+        let err = parse_value(spec, "hostonly", &prev, true).unwrap_err();
+        assert!(err.contains("\"hostonly\"") && err.contains("host-only"), "{err}");
+        let run = |args: &[&str]| {
+            let argv = std::iter::once("kube-proxy").chain(args.iter().copied()).map(OsString::from);
+            let cmd = parse_command_line(argv).map_err(|_| "parse").unwrap();
+            resolve_with_hostname(cmd, || Ok("n".into())).unwrap().socket_lb_scope
+        };
+        assert_eq!(run(&[]), proxy_ebpf::SocketLbScope::All);
+        assert_eq!(run(&["--socket-lb-scope=host-only"]), proxy_ebpf::SocketLbScope::HostOnly);
+        assert_eq!(run(&["--socket-lb-scope", "opt-out"]), proxy_ebpf::SocketLbScope::OptOut);
     }
 
     #[test]

@@ -38,10 +38,30 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "KP_SRC_RANGES";
     /// Per-CPU datapath counters of the tc programs, indexed by `super::dp_counter::*`: `u64`.
     pub const DP_COUNTERS: &str = "KP_DP_COUNTERS";
+    /// Session affinity of the tc programs (LRU): [`super::AddrAffinityKey`] → [`super::AffinityValue`]
+    /// (per-packet clients are identified by source address, not by network namespace).
+    pub const AFFINITY_ADDR: &str = "KP_AFFINITY_ADDR";
+    /// Socket-LB scope (array of one): index 0 → [`super::SockLbConfig`].
+    pub const SOCK_LB_CONFIG: &str = "KP_SOCK_LB_CFG";
+    /// Network namespaces whose sockets bypass socket LB (scope opt-out): netns cookie (`u64`) → `u8`.
+    pub const SOCK_LB_SKIP: &str = "KP_SOCK_LB_SKIP";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 10] =
-        [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, AFFINITY, COUNTERS, CT, NODE_ADDRS, SRC_RANGES, DP_COUNTERS];
+    pub const ALL: [&str; 13] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        SOCK_REV_NAT,
+        AFFINITY,
+        COUNTERS,
+        CT,
+        NODE_ADDRS,
+        SRC_RANGES,
+        DP_COUNTERS,
+        AFFINITY_ADDR,
+        SOCK_LB_CONFIG,
+        SOCK_LB_SKIP,
+    ];
 }
 
 /// Program (function) names in the object file, with the attach hook each implements.
@@ -70,8 +90,11 @@ pub mod program_names {
     pub const TC_INGRESS: &str = "kp_tc_ingress";
     /// tc egress of node devices: reverse translation of replies from local backends.
     pub const TC_EGRESS: &str = "kp_tc_egress";
-    /// Every tc program.
+    /// Every tc program of node devices.
     pub const TC_ALL: [&str; 2] = [TC_INGRESS, TC_EGRESS];
+    /// tc ingress of pod-facing devices (socket-LB scope `opt-out` / `host-only`): the node ingress plus
+    /// per-packet ClusterIP (and every other frontend) translation for pods that bypass socket LB.
+    pub const TC_POD_INGRESS: &str = "kp_tc_pod_ingress";
 }
 
 /// Maximum entries of [`map_names::SERVICES`] (frontends × (backends + 1) × scopes): room for 100k Service
@@ -92,6 +115,18 @@ pub const MAX_SERVICE_ID: u32 = REV_NAT_MAX_ENTRIES - 1;
 pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262144;
 /// Maximum entries of [`map_names::AFFINITY`].
 pub const AFFINITY_MAX_ENTRIES: u32 = 65536;
+
+/// Maximum entries of [`map_names::AFFINITY_ADDR`].
+pub const AFFINITY_ADDR_MAX_ENTRIES: u32 = 65536;
+/// Maximum entries of [`map_names::SOCK_LB_SKIP`] (pods per node, with room for stale entries).
+pub const SOCK_LB_SKIP_MAX_ENTRIES: u32 = 16384;
+
+/// [`SockLbConfig::scope`]: every socket in the cgroup subtree is translated (no per-packet path for pods).
+pub const SOCK_LB_SCOPE_ALL: u32 = 0;
+/// [`SockLbConfig::scope`]: sockets of network namespaces in [`map_names::SOCK_LB_SKIP`] are left alone.
+pub const SOCK_LB_SCOPE_OPT_OUT: u32 = 1;
+/// [`SockLbConfig::scope`]: only sockets of the proxy's own network namespace are translated.
+pub const SOCK_LB_SCOPE_HOST_ONLY: u32 = 2;
 
 /// Default maximum entries of [`map_names::CT`]: two entries per flow, so 131072 flows — kube-proxy's
 /// minimum `nf_conntrack_max` (32768 per core, at least 131072). Userspace may override it at load time.
@@ -283,6 +318,30 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
+/// Key of [`map_names::AFFINITY_ADDR`]: one client address and one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrAffinityKey {
+    /// Client (source) address of the flow's first packet (16-byte form).
+    pub client: Addr,
+    /// Service id.
+    pub service_id: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Value of [`map_names::SOCK_LB_CONFIG`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockLbConfig {
+    /// `SOCK_LB_SCOPE_*`.
+    pub scope: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// Netns cookie of the proxy's (the node's) network namespace (`SO_NETNS_COOKIE`).
+    pub host_netns_cookie: u64,
+}
+
 /// Value of [`map_names::COUNTERS`] (per-CPU array indexed by service id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -432,8 +491,11 @@ pub mod dp_counter {
     pub const FIB_FAIL: u32 = 7;
     /// Forward entries found whose backend is gone (the flow is re-balanced).
     pub const CT_STALE_BACKEND: u32 = 8;
+    /// ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded) of translated flows
+    /// whose quoted packet was translated back.
+    pub const XLATE_ICMP_ERROR: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Metric-friendly names, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "ct_insert",
@@ -445,6 +507,7 @@ pub mod dp_counter {
         "xlate_reply",
         "fib_fail",
         "ct_stale_backend",
+        "xlate_icmp_error",
     ];
 }
 
@@ -462,6 +525,8 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AddrAffinityKey>() == 24);
+const _: () = assert!(core::mem::size_of::<SockLbConfig>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -494,4 +559,8 @@ mod user {
     unsafe impl aya::Pod for NodeAddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SrcRangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrAffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockLbConfig {}
 }

@@ -16,13 +16,14 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use ebpf_common::{
     AFFINITY_MAX_ENTRIES, Addr, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendValue, HASH_NO_PREALLOC,
-    REV_NAT_MAX_ENTRIES, RevNatValue, SCOPE_EXT, SCOPE_INT, SERVICES_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES,
-    SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL_SCOPE, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    REV_NAT_MAX_ENTRIES, RevNatValue, SCOPE_EXT, SCOPE_INT, SERVICES_MAX_ENTRIES, SOCK_LB_SCOPE_ALL,
+    SOCK_LB_SCOPE_HOST_ONLY, SOCK_LB_SKIP_MAX_ENTRIES, SOCK_REV_NAT_MAX_ENTRIES, SVC_FLAG_AFFINITY,
+    SVC_FLAG_LOCAL_SCOPE, ServiceCounters, ServiceKey, ServiceValue, SockLbConfig, SockRevNatKey, SockRevNatValue,
     addr_from_v4, addr_to_v4,
 };
 
@@ -48,6 +49,12 @@ static KP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_ma
 #[map]
 static KP_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(REV_NAT_MAX_ENTRIES, 0);
 
+#[map]
+static KP_SOCK_LB_CFG: Array<SockLbConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static KP_SOCK_LB_SKIP: HashMap<u64, u8> = HashMap::with_max_entries(SOCK_LB_SKIP_MAX_ENTRIES, 0);
+
 /// `connect`/`sendmsg`: let the syscall proceed.
 const ALLOW: i32 = 1;
 /// `connect`/`sendmsg`: fail the syscall (with the errno set by `bpf_set_retval`, else EPERM).
@@ -68,7 +75,7 @@ enum Xlate {
 }
 
 #[inline(always)]
-fn bump(service_id: u32, refused: bool) {
+pub(crate) fn bump(service_id: u32, refused: bool) {
     if let Some(c) = KP_COUNTERS.get_ptr_mut(service_id) {
         // Per-CPU slot: no other writer, a plain add is enough.
         unsafe {
@@ -81,21 +88,49 @@ fn bump(service_id: u32, refused: bool) {
     }
 }
 
+/// Whether this socket bypasses socket LB (`--socket-lb-scope`): its network namespace is not the proxy's
+/// (host-only) or is listed in `KP_SOCK_LB_SKIP` (opt-out). One array lookup under the default scope.
+#[inline(always)]
+fn bypass(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = KP_SOCK_LB_CFG.get(0) else {
+        return false;
+    };
+    let scope = cfg.scope;
+    if scope == SOCK_LB_SCOPE_ALL {
+        return false;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if scope == SOCK_LB_SCOPE_HOST_ONLY {
+        return cookie != cfg.host_netns_cookie;
+    }
+    unsafe { KP_SOCK_LB_SKIP.get(&cookie) }.is_some()
+}
+
 /// Looks the backend of an affinity entry up, if the entry is fresh and the backend still belongs to the
 /// service.
 #[inline(always)]
-fn affinity_backend(akey: &AffinityKey, timeout_s: u32, now: u64) -> Option<(u32, BackendValue)> {
-    let entry = unsafe { KP_AFFINITY.get(akey) }?;
+pub(crate) fn affinity_backend_at(
+    entry: Option<&AffinityValue>,
+    service_id: u32,
+    timeout_s: u32,
+    now: u64,
+) -> Option<(u32, BackendValue)> {
+    let entry = entry?;
     if now.wrapping_sub(entry.last_used_ns) > (timeout_s as u64) * NSEC_PER_SEC {
         return None;
     }
     let id = entry.backend_id;
     let backend = unsafe { KP_BACKENDS.get(id) }?;
     // Backend ids are per service; a reused id of another service must not be followed.
-    if backend.service_id != akey.service_id {
+    if backend.service_id != service_id {
         return None;
     }
     Some((id, *backend))
+}
+
+#[inline(always)]
+fn affinity_backend(akey: &AffinityKey, timeout_s: u32, now: u64) -> Option<(u32, BackendValue)> {
+    affinity_backend_at(unsafe { KP_AFFINITY.get(akey) }, akey.service_id, timeout_s, now)
 }
 
 /// The service lookup and backend selection shared by connect and sendmsg of both families.
@@ -234,6 +269,9 @@ fn refuse() -> i32 {
 /// connect4 and sendmsg4.
 #[inline(always)]
 fn xlate4(ctx: &SockAddrContext) -> i32 {
+    if bypass(ctx) {
+        return ALLOW;
+    }
     let vip = addr_from_v4(read_ip4(ctx));
     let vport = read_port(ctx);
     match lb_select(ctx, vip, vport, read_proto(ctx)) {
@@ -255,6 +293,9 @@ fn xlate4(ctx: &SockAddrContext) -> i32 {
 /// connect6 and sendmsg6 (including `::ffff:a.b.c.d`, which finds the IPv4 service by construction).
 #[inline(always)]
 fn xlate6(ctx: &SockAddrContext) -> i32 {
+    if bypass(ctx) {
+        return ALLOW;
+    }
     let vip = read_ip6(ctx);
     let vport = read_port(ctx);
     match lb_select(ctx, vip, vport, read_proto(ctx)) {
@@ -279,6 +320,9 @@ fn rev_lookup(ctx: &SockAddrContext, addr: Addr, port: u16) -> Option<SockRevNat
 /// recvmsg4 and getpeername4: these hooks must always return 1.
 #[inline(always)]
 fn rev4(ctx: &SockAddrContext) -> i32 {
+    if bypass(ctx) {
+        return 1;
+    }
     if let Some(v) = rev_lookup(ctx, addr_from_v4(read_ip4(ctx)), read_port(ctx))
         && let Some(ip4) = addr_to_v4(&v.addr)
     {
@@ -291,6 +335,9 @@ fn rev4(ctx: &SockAddrContext) -> i32 {
 /// recvmsg6 and getpeername6: these hooks must always return 1.
 #[inline(always)]
 fn rev6(ctx: &SockAddrContext) -> i32 {
+    if bypass(ctx) {
+        return 1;
+    }
     if let Some(v) = rev_lookup(ctx, read_ip6(ctx), read_port(ctx)) {
         write_ip6(ctx, &v.addr);
         write_port(ctx, v.port);

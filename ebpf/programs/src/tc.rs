@@ -15,8 +15,9 @@
 //! source back to the frontend.
 //!
 //! Both families share the code: addresses are in the 16-byte map form; IPv4 only touches the last word.
-//! Not handled (yet): IP options beyond skipping them, IPv6 extension headers, ICMP errors of translated
-//! flows, non-first fragments (passed untouched), TTL decrement on redirect.
+//! ICMP errors quoting a translated flow are translated too (`icmp.rs`), so path-MTU discovery works.
+//! Not handled (yet): IP options beyond skipping them, IPv6 extension headers, non-first fragments (passed
+//! untouched), TTL decrement on redirect.
 
 use aya_ebpf::{
     EbpfContext,
@@ -30,14 +31,23 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ebpf_common::{
-    Addr, BACKEND_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey,
-    CtValue, FAMILY_V4, FAMILY_V6, NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue,
-    SrcRangeKey, addr_from_v4, dp_counter,
+    AFFINITY_ADDR_MAX_ENTRIES, Addr, AddrAffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_FWD,
+    CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRangeKey,
+    addr_from_v4, dp_counter,
 };
 
-use crate::{KP_BACKENDS, KP_SERVICES};
+use crate::{KP_BACKENDS, KP_SERVICES, affinity_backend_at, bump};
+
+// ICMP errors of translated flows; a child module so it shares this one's maps and helpers.
+#[path = "icmp.rs"]
+mod icmp;
+
+#[map]
+static KP_AFFINITY_ADDR: LruHashMap<AddrAffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(AFFINITY_ADDR_MAX_ENTRIES, 0);
 
 #[map]
 static KP_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CT_MAX_ENTRIES, 0);
@@ -184,7 +194,9 @@ fn fib_redirect(ctx: &TcContext, p: &Pkt, v: &CtValue, ifindex: u32) -> i32 {
     params.l4_protocol = p.proto;
     params.sport = v.nat_sport;
     params.dport = v.nat_dport;
-    params.__bindgen_anon_1.tot_len = p.tot_len;
+    // A GSO/GRO aggregate's IP length is the whole aggregate, which always "exceeds" the MTU: leave the check
+    // to the kernel (tot_len 0 → is_skb_forwardable, which validates GSO segments) for aggregates.
+    params.__bindgen_anon_1.tot_len = if unsafe { (*ctx.skb.skb).gso_size } != 0 { 0 } else { p.tot_len };
     params.ifindex = ifindex;
     if p.v6 {
         params.__bindgen_anon_3.ipv6_src = v.nat_saddr;
@@ -236,18 +248,53 @@ fn apply(ctx: &TcContext, p: &Pkt, v: &CtValue, redirect: bool) -> i32 {
     if redirect { fib_redirect(ctx, p, v, ifindex(ctx)) } else { TC_ACT_OK as i32 }
 }
 
-/// New flow to a frontend: returns `None` when the packet is not for an external frontend.
+/// [`new_flow`]'s verdict for "conntrack pair inserted": not a `TC_ACT_*` value.
+const FLOW_CREATED: i32 = -100;
+
+/// Picks a backend among the master's slots, honouring `sessionAffinity: ClientIP` keyed by the client's
+/// address (the socket LB keys by network namespace; a packet only has its source address).
 #[inline(always)]
-fn new_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
+fn pick_backend(key: &mut ServiceKey, master: &ServiceValue, client: &Addr, now: u64) -> Option<(u32, BackendValue)> {
+    let affinity = master.flags & SVC_FLAG_AFFINITY != 0;
+    let akey = AddrAffinityKey { client: *client, service_id: master.service_id, _pad: 0 };
+    if affinity {
+        let entry = unsafe { KP_AFFINITY_ADDR.get(&akey) };
+        if let Some(found) = affinity_backend_at(entry, master.service_id, master.affinity_timeout, now) {
+            let _ =
+                KP_AFFINITY_ADDR.insert(&akey, &AffinityValue { last_used_ns: now, backend_id: found.0, _pad: 0 }, 0);
+            return Some(found);
+        }
+    }
+    key.backend_slot = (unsafe { bpf_get_prandom_u32() } % (master.count as u32)) as u16 + 1;
+    let backend_id = unsafe { KP_SERVICES.get(*key) }?.backend_id;
+    let backend = *unsafe { KP_BACKENDS.get(backend_id) }?;
+    if affinity {
+        // Best effort, as in the socket LB: a failed LRU insert only loses stickiness.
+        let _ = KP_AFFINITY_ADDR.insert(&akey, &AffinityValue { last_used_ns: now, backend_id, _pad: 0 }, 0);
+    }
+    Some((backend_id, backend))
+}
+
+/// New flow to a frontend: returns `None` when the packet is not for a frontend this program serves.
+///
+/// Node devices (`pod == false`) serve NodePort / ExternalIP / LoadBalancer frontends; ClusterIPs stay with
+/// the socket LB. Pod-facing devices (`pod == true`) serve every frontend with the socket LB's scope and
+/// policy (`lb_select` in main.rs), for pods whose sockets bypass socket LB: DNAT only (pod IPs are
+/// routable), except a hairpin (a pod reaching itself), which is also source-NATed to the frontend.
+///
+/// Returns [`FLOW_CREATED`] once the conntrack pair is in; the caller then applies the forward entry. Not
+/// inlined: its frame and `icmp::handle`'s are never live together, so the call chain stays within the
+/// verifier's 512-byte stack limit.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, p: &Pkt, now: u64, pod: bool) -> Option<i32> {
     let mut key =
         ServiceKey { addr: p.daddr, port: p.dport, backend_slot: 0, proto: p.proto, scope: SCOPE_EXT, _pad: [0; 2] };
     let ext = *unsafe { KP_SERVICES.get(key) }?;
-    // ClusterIPs stay with the socket LB; only frontends meant to be reached from outside are served here.
-    if ext.flags & (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER) == 0 {
+    if !pod && ext.flags & (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER) == 0 {
         return None;
     }
     let service_id = ext.service_id;
-    if ext.flags & SVC_FLAG_SOURCE_RANGE != 0 {
+    if !pod && ext.flags & SVC_FLAG_SOURCE_RANGE != 0 {
         let rk = Key::new(32 + 128, SrcRangeKey { service_id_be: service_id.to_be(), addr: p.saddr });
         if KP_SRC_RANGES.get(rk).is_none() {
             count(dp_counter::DROP_SOURCE_RANGE);
@@ -264,24 +311,23 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
         };
     }
     if master.count == 0 {
-        // Upstream drops too (Local: the health-check node port steers load balancers away).
+        // Upstream drops too (Local: the health-check node port steers load balancers away). Pods: the socket
+        // LB would refuse the connect(); per packet the flow is dropped (documented).
+        if pod {
+            bump(service_id, true);
+        }
         count(dp_counter::DROP_NO_ENDPOINT);
         return Some(TC_ACT_SHOT as i32);
     }
-    key.backend_slot = (unsafe { bpf_get_prandom_u32() } % (master.count as u32)) as u16 + 1;
-    let Some(slot) = (unsafe { KP_SERVICES.get(key) }) else {
+    let Some((backend_id, backend)) = pick_backend(&mut key, &master, &p.saddr, now) else {
         count(dp_counter::DROP_NO_ENDPOINT);
         return Some(TC_ACT_SHOT as i32);
     };
-    let backend_id = slot.backend_id;
-    let Some(backend) = (unsafe { KP_BACKENDS.get(backend_id) }) else {
-        count(dp_counter::DROP_NO_ENDPOINT);
-        return Some(TC_ACT_SHOT as i32);
-    };
-    let backend = *backend;
-    // Local policy keeps the client address; a local backend is reached without SNAT either way (its replies
-    // leave through this device's egress). Only a remote backend under Cluster needs SNAT.
-    let snat = !local_scope && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    // Node side: Local policy keeps the client address; a local backend is reached without SNAT either way
+    // (its replies leave through this device's egress). Only a remote backend under Cluster needs SNAT.
+    // Pod side: only a hairpin needs SNAT (a pod drops a packet whose source is its own address).
+    let hairpin = pod && backend.addr == p.saddr;
+    let snat = if pod { hairpin } else { !local_scope && backend.flags & BACKEND_FLAG_LOCAL == 0 };
 
     let mut fwd = CtValue {
         nat_saddr: p.saddr,
@@ -315,7 +361,16 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    if snat {
+    if hairpin {
+        // Source-NAT to the frontend address with the client's port: unique per (pod, port), no allocation.
+        rkey.daddr = p.daddr;
+        if KP_CT.insert(&rkey, &rev, 0).is_err() {
+            count(dp_counter::CT_INSERT_FAIL);
+            return Some(TC_ACT_SHOT as i32);
+        }
+        fwd.nat_saddr = p.daddr;
+        fwd.flags = CT_F_SNAT;
+    } else if snat {
         let nk = NodeAddrKey { ifindex: ifindex(ctx), family: if p.v6 { FAMILY_V6 } else { FAMILY_V4 }, _pad: [0; 3] };
         let Some(node) = (unsafe { KP_NODE_ADDRS.get(nk) }) else {
             count(dp_counter::SNAT_EXHAUSTED);
@@ -348,18 +403,20 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
         count(dp_counter::CT_INSERT_FAIL);
         return Some(TC_ACT_SHOT as i32);
     }
+    if pod {
+        bump(service_id, false);
+    }
     count(dp_counter::CT_INSERT);
-    count(dp_counter::XLATE_FWD);
-    Some(apply(ctx, p, &fwd, snat))
+    // The caller applies the new forward entry like any existing one: keeping the rewrite out of this frame
+    // keeps the call chain within the stack limit.
+    Some(FLOW_CREATED)
 }
 
-#[inline(always)]
-fn ingress(ctx: &TcContext) -> i32 {
-    let Some(p) = parse(ctx) else {
-        return TC_ACT_OK as i32;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_FWD)) {
+/// Applies the packet's existing conntrack entry, if it has one. Not inlined, like [`new_flow`], to keep
+/// the frames on any call chain within the verifier's stack limit.
+#[inline(never)]
+fn existing_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
+    if let Some(v) = KP_CT.get_ptr_mut(&ct_key(p, CT_DIR_FWD)) {
         let val = unsafe { *v };
         // Backend ids are per service: a missing or reused id means the backend went away; re-balance.
         let alive = match unsafe { KP_BACKENDS.get(val.backend_id) } {
@@ -367,25 +424,45 @@ fn ingress(ctx: &TcContext) -> i32 {
             None => false,
         };
         if alive {
-            touch(v, &p, now);
+            touch(v, p, now);
             count(dp_counter::XLATE_FWD);
-            return apply(ctx, &p, &val, val.flags & CT_F_SNAT != 0);
+            return Some(apply(ctx, p, &val, val.flags & CT_F_SNAT != 0));
         }
         count(dp_counter::CT_STALE_BACKEND);
-    } else if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_REPLY)) {
-        // A reply to a SNATed flow (addressed to the node): back to frontend → client.
+    } else if let Some(v) = KP_CT.get_ptr_mut(&ct_key(p, CT_DIR_REPLY)) {
+        // A reply to a SNATed flow (addressed to the node), or (pod side) a local backend's reply to a pod's
+        // per-packet flow: back to frontend → client.
         let val = unsafe { *v };
-        touch(v, &p, now);
+        touch(v, p, now);
         count(dp_counter::XLATE_REPLY);
-        return apply(ctx, &p, &val, true);
+        return Some(apply(ctx, p, &val, true));
     }
-    new_flow(ctx, &p, now).unwrap_or(TC_ACT_OK as i32)
+    None
+}
+
+/// Ingress of node devices (`pod == false`) and of pod-facing devices (`pod == true`, which also serves
+/// ClusterIPs in [`new_flow`]); existing entries are applied the same way on both.
+#[inline(always)]
+fn ingress(ctx: &TcContext, pod: bool) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return icmp::handle(ctx, true);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(verdict) = existing_flow(ctx, &p, now) {
+        return verdict;
+    }
+    match new_flow(ctx, &p, now, pod) {
+        // Found right away unless evicted in between; then the packet goes on untranslated.
+        Some(FLOW_CREATED) => existing_flow(ctx, &p, now).unwrap_or(TC_ACT_OK as i32),
+        Some(verdict) => verdict,
+        None => TC_ACT_OK as i32,
+    }
 }
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return icmp::handle(ctx, false);
     };
     if let Some(v) = KP_CT.get_ptr_mut(&ct_key(&p, CT_DIR_REPLY)) {
         let val = unsafe { *v };
@@ -400,7 +477,13 @@ fn egress(ctx: &TcContext) -> i32 {
 /// tc ingress of node devices.
 #[classifier]
 pub fn kp_tc_ingress(ctx: TcContext) -> i32 {
-    ingress(&ctx)
+    ingress(&ctx, false)
+}
+
+/// tc ingress of pod-facing devices (socket-LB scope `opt-out` / `host-only`).
+#[classifier]
+pub fn kp_tc_pod_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx, true)
 }
 
 /// tc egress of node devices.

@@ -10,6 +10,14 @@
 //! The interval adapts like Cilium's: ×0.5 when a pass deleted more than 25% of the entries (down to
 //! [`GC_MIN_INTERVAL`]), ×1.5 when under 5% (up to [`GC_MAX_INTERVAL`]). Results are published in
 //! [`CtStats`] for the metrics collector (entries, map pressure, deletions).
+//!
+//! Map pressure: once the map is full the LRU evicts live flows, so waiting for the next pass is not an
+//! option. Every [`PRESSURE_CHECK_EVERY`] the thread reads the datapath's conntrack insert counter (one
+//! per-CPU array lookup, no walk) and estimates the fill as the last pass's entries plus two per flow
+//! inserted since; at [`PRESSURE_FILL`] of the capacity it runs a pass at once (at most one per
+//! [`PRESSURE_MIN_GAP`]) and at least halves the interval, as it does when a pass itself ends above that fill.
+//! Early passes are counted in [`CtStats::pressure_runs`]. A fixed interval (`EbpfOptions::ct_gc_interval`,
+//! which tests use to run passes themselves) is kept as is.
 
 use std::collections::HashMap as StdHashMap;
 use std::path::Path;
@@ -18,8 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, Map, MapData};
-use ebpf_common::{CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CtKey, CtValue, PROTO_TCP, ct_lifetime, map_names};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use ebpf_common::{
+    CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CtKey, CtValue, PROTO_TCP, ct_lifetime, dp_counter, map_names,
+};
 use tracing::{debug, warn};
 
 use crate::EbpfError;
@@ -31,6 +41,13 @@ pub const GC_START_INTERVAL: Duration = Duration::from_secs(60);
 pub const GC_MIN_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest adaptive interval (Cilium allows 12 h for LRU maps; we keep the metrics fresher).
 pub const GC_MAX_INTERVAL: Duration = Duration::from_secs(600);
+/// Estimated fill (entries / capacity) at which the map is under pressure.
+pub const PRESSURE_FILL: f64 = 0.9;
+/// How often the insert counter is read between passes.
+pub const PRESSURE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Least time between the end of a pass and an early one (a map full of live flows must not be walked
+/// back to back).
+pub const PRESSURE_MIN_GAP: Duration = Duration::from_secs(2);
 
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 
@@ -84,12 +101,16 @@ pub struct CtStats {
     pub errors: AtomicU64,
     /// Current interval in seconds.
     pub interval_s: AtomicU64,
+    /// Passes started before their interval ended because the map was filling up.
+    pub pressure_runs: AtomicU64,
 }
 
 /// The conntrack map, opened from its pin.
 pub struct CtMap {
     map: HashMap<MapData, CtKey, CtValue>,
     max_entries: u32,
+    /// The datapath counters (for the insert counter); `None` when the pin is missing.
+    dp_counters: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl CtMap {
@@ -103,7 +124,21 @@ impl CtMap {
         let data = MapData::from_pin(&path).map_err(err("open pin"))?;
         let max_entries = data.info().map_err(err("info"))?.max_entries();
         let map = Map::from_map_data(data).and_then(HashMap::try_from).map_err(err("open pin"))?;
-        Ok(CtMap { map, max_entries })
+        let dp_path = maps_dir(bpffs_root).join(map_names::DP_COUNTERS);
+        let dp_counters = match MapData::from_pin(&dp_path).map(Map::from_map_data) {
+            Ok(Ok(m)) => PerCpuArray::try_from(m).ok(),
+            _ => None,
+        };
+        if dp_counters.is_none() {
+            warn!(pin = %dp_path.display(), "datapath counters unavailable: conntrack GC without pressure checks");
+        }
+        Ok(CtMap { map, max_entries, dp_counters })
+    }
+
+    /// Flows the datapath inserted so far (the `ct_insert` counter summed over CPUs), if readable.
+    pub fn ct_inserts(&self) -> Option<u64> {
+        let values = self.dp_counters.as_ref()?.get(&dp_counter::CT_INSERT, 0).ok()?;
+        Some(values.iter().sum())
     }
 
     /// The map's capacity.
@@ -187,6 +222,34 @@ pub fn next_interval(cur: Duration, report: &GcReport) -> Duration {
     }
 }
 
+/// Whether the map is under pressure: the estimated fill — `entries` after the last pass plus two entries
+/// (forward and reply) per flow inserted since — reaches [`PRESSURE_FILL`] of `max_entries`.
+pub fn under_pressure(entries: u64, inserted_flows: u64, max_entries: u64) -> bool {
+    if max_entries == 0 {
+        return false;
+    }
+    let estimate = entries.saturating_add(inserted_flows.saturating_mul(2));
+    estimate as f64 >= PRESSURE_FILL * max_entries as f64
+}
+
+/// Whether to start a pass before the interval ends: the map is under pressure, flows were inserted since
+/// the last pass (otherwise that pass's verdict still stands) and the last pass ended at least
+/// [`PRESSURE_MIN_GAP`] ago.
+pub fn early_pass_due(entries: u64, inserted_flows: u64, max_entries: u64, since_last_pass: Duration) -> bool {
+    inserted_flows > 0 && since_last_pass >= PRESSURE_MIN_GAP && under_pressure(entries, inserted_flows, max_entries)
+}
+
+/// The interval after a pass: [`next_interval`], then at most half the current one (not below
+/// [`GC_MIN_INTERVAL`]) when the pass was an early one or ended with the map under pressure.
+pub fn next_interval_after(cur: Duration, report: &GcReport, early: bool, max_entries: u64) -> Duration {
+    let next = next_interval(cur, report);
+    if early || under_pressure(report.remaining, 0, max_entries) {
+        next.min(cur / 2).max(GC_MIN_INTERVAL)
+    } else {
+        next
+    }
+}
+
 /// The background GC thread; stopped and joined on drop.
 pub(crate) struct GcThread {
     stop: Arc<AtomicBool>,
@@ -194,31 +257,65 @@ pub(crate) struct GcThread {
 }
 
 impl GcThread {
-    /// Starts collecting `map` every `fixed` interval, or adaptively from [`GC_START_INTERVAL`].
+    /// Starts collecting `map` every `fixed` interval, or adaptively from [`GC_START_INTERVAL`] with early
+    /// passes under map pressure.
     pub(crate) fn start(mut map: CtMap, stats: Arc<CtStats>, fixed: Option<Duration>) -> GcThread {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        stats.max_entries.store(u64::from(map.max_entries()), Ordering::Relaxed);
+        let max = u64::from(map.max_entries());
+        stats.max_entries.store(max, Ordering::Relaxed);
         let handle = std::thread::Builder::new()
             .name("kp-ct-gc".into())
             .spawn(move || {
                 let mut interval = fixed.unwrap_or(GC_START_INTERVAL);
-                let mut next = Instant::now() + interval;
+                let mut last_pass = Instant::now();
+                let mut next = last_pass + interval;
+                let mut last_check = last_pass;
+                // Entries after the last pass (none before the first: the estimate then counts inserts only,
+                // from the counter's value at start-up).
+                let mut entries = 0u64;
+                let mut inserts_base = map.ct_inserts();
                 while !flag.load(Ordering::Relaxed) {
                     stats.interval_s.store(interval.as_secs(), Ordering::Relaxed);
-                    if Instant::now() < next {
-                        // Short sleeps so drop (stop) never waits long.
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
+                    let now = Instant::now();
+                    let mut early = false;
+                    if now < next {
+                        if fixed.is_none() && now.duration_since(last_check) >= PRESSURE_CHECK_EVERY {
+                            last_check = now;
+                            if let (Some(base), Some(cur)) = (inserts_base, map.ct_inserts()) {
+                                let flows = cur.saturating_sub(base);
+                                early = early_pass_due(entries, flows, max, now.duration_since(last_pass));
+                                if early {
+                                    debug!(entries, inserted_flows = flows, max, "conntrack map under pressure");
+                                }
+                            }
+                        }
+                        if !early {
+                            // Short sleeps so drop (stop) never waits long.
+                            std::thread::sleep(Duration::from_millis(200));
+                            continue;
+                        }
+                    }
+                    // Read before the walk: flows inserted during it count towards the next estimate.
+                    inserts_base = map.ct_inserts();
+                    if early {
+                        stats.pressure_runs.fetch_add(1, Ordering::Relaxed);
                     }
                     match map.gc_pass(monotonic_ns()) {
                         Ok(r) => {
                             stats.runs.fetch_add(1, Ordering::Relaxed);
                             stats.deleted.fetch_add(r.deleted, Ordering::Relaxed);
                             stats.entries.store(r.remaining, Ordering::Relaxed);
-                            debug!(scanned = r.scanned, deleted = r.deleted, raced = r.raced, "conntrack GC pass");
+                            entries = r.remaining;
+                            debug!(
+                                scanned = r.scanned,
+                                deleted = r.deleted,
+                                raced = r.raced,
+                                early,
+                                "conntrack GC pass"
+                            );
                             if fixed.is_none() {
-                                interval = next_interval(interval, &r);
+                                interval = next_interval_after(interval, &r, early, max);
                             }
                         }
                         Err(e) => {
@@ -226,7 +323,8 @@ impl GcThread {
                             warn!(error = %e, "conntrack GC pass failed");
                         }
                     }
-                    next = Instant::now() + interval;
+                    last_pass = Instant::now();
+                    next = last_pass + interval;
                 }
             })
             .expect("spawning the conntrack GC thread");
@@ -299,5 +397,47 @@ mod tests {
         assert_eq!(next_interval(Duration::from_secs(60), &r(100, 1)), Duration::from_secs(90));
         assert_eq!(next_interval(GC_MAX_INTERVAL, &r(100, 1)), GC_MAX_INTERVAL);
         assert_eq!(next_interval(Duration::from_secs(60), &r(100, 10)), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn pressure_is_the_estimated_fill() {
+        // 1000 entries: pressure from 900 on, counting two entries per inserted flow.
+        assert!(!under_pressure(0, 0, 1000));
+        assert!(!under_pressure(899, 0, 1000));
+        assert!(under_pressure(900, 0, 1000));
+        assert!(!under_pressure(800, 49, 1000));
+        assert!(under_pressure(800, 50, 1000));
+        assert!(under_pressure(0, 450, 1000));
+        // No capacity known: never.
+        assert!(!under_pressure(u64::MAX, u64::MAX, 0));
+        // Saturating, not wrapping.
+        assert!(under_pressure(u64::MAX, u64::MAX, 1000));
+    }
+
+    #[test]
+    fn early_pass_needs_pressure_new_flows_and_a_gap() {
+        let gap = PRESSURE_MIN_GAP;
+        assert!(early_pass_due(800, 50, 1000, gap));
+        // Not under pressure.
+        assert!(!early_pass_due(800, 49, 1000, gap));
+        // Full of live flows but nothing new since the last pass: its verdict stands.
+        assert!(!early_pass_due(1000, 0, 1000, gap));
+        // Too soon after the last pass.
+        assert!(!early_pass_due(800, 50, 1000, gap - Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn pressure_shortens_the_interval() {
+        let r = |scanned, deleted| GcReport { scanned, deleted, remaining: scanned - deleted, raced: 0 };
+        let max = 1000;
+        // An early pass that freed little would otherwise grow the interval (×1.5): it halves instead.
+        assert_eq!(next_interval_after(Duration::from_secs(60), &r(950, 10), true, max), Duration::from_secs(30));
+        // A scheduled pass that ends above the pressure fill halves too.
+        assert_eq!(next_interval_after(Duration::from_secs(60), &r(980, 20), false, max), Duration::from_secs(30));
+        // Never below the minimum.
+        assert_eq!(next_interval_after(Duration::from_secs(12), &r(950, 10), true, max), GC_MIN_INTERVAL);
+        // Below the pressure fill, Cilium's adaptation alone.
+        assert_eq!(next_interval_after(Duration::from_secs(60), &r(100, 1), false, max), Duration::from_secs(90));
+        assert_eq!(next_interval_after(Duration::from_secs(60), &r(100, 50), false, max), Duration::from_secs(30));
     }
 }

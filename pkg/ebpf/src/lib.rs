@@ -13,6 +13,9 @@
 //! - North-south (NodePort / ExternalIP / LoadBalancer from outside the node): tc programs on the node
 //!   devices with BPF conntrack and SNAT; `tc.rs` attaches them to the devices carrying the node's
 //!   addresses (tcx links, pinned and adopted like the cgroup links), [`ct`] collects expired flows.
+//! - Socket-LB scope ([`socklb`], `--socket-lb-scope`): sockets of pods may bypass socket LB (host-only, or
+//!   per pod with `kpctl socket-lb skip`); such pods reach Services per packet through `kp_tc_pod_ingress`
+//!   on the pod-facing devices, which `pods.rs` attaches as they appear.
 //! - [`EbpfBackend::cleanup_all`] removes every pin (which detaches the programs) for `--cleanup`.
 
 pub mod ct;
@@ -21,6 +24,8 @@ mod loader;
 mod maps;
 mod metrics;
 mod names;
+mod pods;
+pub mod socklb;
 mod sys;
 mod tc;
 mod writer;
@@ -31,6 +36,8 @@ pub use loader::{EbpfBackend, EbpfOptions, ProgramUpdate, bpffs_mounted, detect_
 pub use maps::{AyaMaps, FakeMaps, LbMaps, MapOp};
 pub use metrics::{BpfStatsSource, EbpfCollector, PinnedStats};
 pub use names::{NAMES_MAP, ServiceName, ServiceNameTable, read_pinned_names};
+pub use pods::PodDevice;
+pub use socklb::{SkipMap, SocketLbScope};
 pub use tc::NodeDevice;
 pub use writer::{MapWriter, ServiceCounterSample, SrcRange, addr16, ip_from_addr16};
 
@@ -141,6 +148,9 @@ pub enum EbpfError {
         /// Its backend count.
         count: usize,
     },
+    /// The options contradict each other.
+    #[error("invalid eBPF backend options: {0}")]
+    Options(String),
     /// The backend was cleaned up and can no longer sync.
     #[error("the eBPF backend was cleaned up")]
     CleanedUp,

@@ -21,6 +21,8 @@ use crate::ct::{CtMap, CtStats, GcReport, GcThread, monotonic_ns};
 use crate::maps::AyaMaps;
 use crate::metrics::EbpfCollector;
 use crate::names::{NamePublisher, ServiceNameTable};
+use crate::pods::{self, PodDevice, PodWatcher};
+use crate::socklb::{self, SocketLbScope};
 use crate::sys;
 use crate::tc::{NodeDevice, TcManager};
 use crate::writer::{MapWriter, ServiceCounterSample};
@@ -64,6 +66,9 @@ pub struct EbpfOptions {
     pub ct_max_entries: u32,
     /// A fixed conntrack GC interval; `None`: adaptive (see `ct.rs`).
     pub ct_gc_interval: Option<Duration>,
+    /// Which sockets the cgroup programs translate; other than `All`, pod-facing devices get the per-packet
+    /// path (needs `north_south`). Default `All`.
+    pub socket_lb_scope: SocketLbScope,
 }
 
 impl EbpfOptions {
@@ -78,6 +83,7 @@ impl EbpfOptions {
             tc_netns: None,
             ct_max_entries: ebpf_common::CT_MAX_ENTRIES,
             ct_gc_interval: None,
+            socket_lb_scope: SocketLbScope::All,
         }
     }
 }
@@ -143,6 +149,8 @@ struct Inner {
     names: NamePublisher,
     // North-south: tc attachment and conntrack GC (None when disabled).
     tc: Option<TcManager>,
+    // Pod-facing devices (socket-LB scope other than all).
+    pods: Option<PodWatcher>,
     ct_stats: Arc<CtStats>,
     // Dropped (stopped and joined) with the backend.
     _gc: Option<GcThread>,
@@ -161,6 +169,12 @@ impl EbpfBackend {
         }
         if statfs_type(&opts.cgroup_root).ok() != Some(CGROUP2_SUPER_MAGIC) {
             return Err(EbpfError::NotCgroup2 { path: opts.cgroup_root.clone() });
+        }
+        let scope = opts.socket_lb_scope;
+        if scope.per_packet_pods() && !opts.north_south {
+            return Err(EbpfError::Options(format!(
+                "socket-LB scope {scope} needs the tc programs (north_south): pods reach Services per packet"
+            )));
         }
         let base = opts.bpffs_root.join(LAYOUT_VERSION);
         let maps_dir = base.join("maps");
@@ -181,6 +195,26 @@ impl EbpfBackend {
             loader.load(OBJECT).map_err(|e| EbpfError::Load { pin_dir: maps_dir.clone(), source: Box::new(e) })?;
         info!(pin_dir = %maps_dir.display(), adopted_maps = adopting, "loaded eBPF object");
 
+        // The proxy's namespace: where devices are resolved and whose sockets are "the host's".
+        let ns_path = opts.tc_netns.clone().unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+        let netns =
+            fs::File::open(&ns_path).map_err(io_err(format!("opening network namespace {}", ns_path.display())))?;
+        // The scope goes in before the cgroup programs are (re)attached, so they never run with a stale one.
+        let host_cookie = match socklb::netns_cookie_of(&netns, &ns_path) {
+            Ok(c) => c,
+            Err(e) if scope == SocketLbScope::HostOnly => return Err(e),
+            Err(e) => {
+                warn!(error = %e, "netns cookie unavailable (only scope host-only needs it)");
+                0
+            }
+        };
+        // Borrowed, not taken: the programs still to be loaded refer to the map's fd.
+        let cfg_map = ebpf
+            .map_mut(map_names::SOCK_LB_CONFIG)
+            .ok_or(EbpfError::Missing { kind: "map", name: map_names::SOCK_LB_CONFIG })?;
+        socklb::write_config(cfg_map, scope, host_cookie)?;
+        info!(scope = %scope, host_netns_cookie = host_cookie, "socket-LB scope");
+
         let cgroup = fs::File::open(&opts.cgroup_root)
             .map_err(io_err(format!("opening cgroup {}", opts.cgroup_root.display())))?;
         for name in PROGRAMS {
@@ -188,6 +222,12 @@ impl EbpfBackend {
         }
 
         let tc_progs = if opts.north_south { Some(load_tc_programs(&mut ebpf)?) } else { None };
+        let pod_prog = if scope.per_packet_pods() {
+            Some(load_classifier(&mut ebpf, program_names::TC_POD_INGRESS)?)
+        } else {
+            pods::remove_all_pins(&links_dir)?;
+            None
+        };
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name });
         let maps = AyaMaps::new(
@@ -199,11 +239,15 @@ impl EbpfBackend {
         )?;
         let node_addrs = take(map_names::NODE_ADDRS)?;
         let ct_stats = Arc::new(CtStats::default());
+        let pods = match pod_prog {
+            Some(prog) => {
+                let ns = netns.try_clone().map_err(io_err(format!("duplicating the fd of {}", ns_path.display())))?;
+                Some(PodWatcher::start(ns, &links_dir, prog, opts.program_update)?)
+            }
+            None => None,
+        };
         let (tc, gc) = match tc_progs {
             Some((ingress, egress)) => {
-                let ns_path = opts.tc_netns.clone().unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
-                let netns = fs::File::open(&ns_path)
-                    .map_err(io_err(format!("opening network namespace {}", ns_path.display())))?;
                 let tc = TcManager::new(netns, &links_dir, ingress, egress, opts.program_update, node_addrs)?;
                 let gc = GcThread::start(CtMap::open(&opts.bpffs_root)?, ct_stats.clone(), opts.ct_gc_interval);
                 (Some(tc), Some(gc))
@@ -217,13 +261,19 @@ impl EbpfBackend {
             adopted_services = writer.service_count(),
             "eBPF socket load balancer attached"
         );
-        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, tc, ct_stats, _gc: gc, _ebpf: ebpf }) })
+        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, tc, pods, ct_stats, _gc: gc, _ebpf: ebpf }) })
     }
 
     /// The devices the north-south tc programs are attached to (empty before the first sync with node
     /// addresses, or when disabled).
     pub fn tc_devices(&self) -> Vec<NodeDevice> {
         self.inner.as_ref().and_then(|i| i.tc.as_ref()).map(TcManager::devices).unwrap_or_default()
+    }
+
+    /// The pod-facing devices carrying the per-packet program (empty under socket-LB scope `all`, and until
+    /// the first sync with node addresses).
+    pub fn pod_devices(&self) -> Vec<PodDevice> {
+        self.inner.as_ref().and_then(|i| i.pods.as_ref()).map(PodWatcher::devices).unwrap_or_default()
     }
 
     /// The conntrack GC's statistics (shared with [`EbpfBackend::metrics_collector`]).
@@ -369,22 +419,21 @@ fn attach_program(
     Ok(())
 }
 
-/// Loads the two tc programs; returns owned fds of (ingress, egress) for attaching on any thread.
+/// Loads one tc program; returns an owned fd for attaching on any thread.
+fn load_classifier(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, EbpfError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Missing { kind: "program", name })?
+        .try_into()
+        .map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+    prog.load().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+    let fd = prog.fd().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
+    fd.as_fd().try_clone_to_owned().map_err(io_err(format!("duplicating the fd of program {name}")))
+}
+
+/// Loads the two node-device tc programs; returns owned fds of (ingress, egress).
 fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), EbpfError> {
-    let mut fds = Vec::with_capacity(2);
-    for name in program_names::TC_ALL {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
-        prog.load().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
-        let fd = prog.fd().map_err(|e| EbpfError::Program { name, action: "load", source: Box::new(e) })?;
-        fds.push(fd.as_fd().try_clone_to_owned().map_err(io_err(format!("duplicating the fd of program {name}")))?);
-    }
-    let egress = fds.pop().expect("two programs");
-    let ingress = fds.pop().expect("two programs");
-    Ok((ingress, egress))
+    Ok((load_classifier(ebpf, program_names::TC_INGRESS)?, load_classifier(ebpf, program_names::TC_EGRESS)?))
 }
 
 fn backend_err(e: EbpfError) -> BackendError {
@@ -403,11 +452,17 @@ impl Backend for EbpfBackend {
     fn sync(&mut self, snapshot: &Snapshot, changes: &Changes) -> Result<SyncReport, BackendError> {
         let inner = self.inner.as_mut().ok_or_else(|| backend_err(EbpfError::CleanedUp))?;
         let result = inner.writer.sync(&self.opts.families, snapshot, changes).map_err(backend_err);
-        if let Some(tc) = inner.tc.as_mut()
-            && let Err(e) = tc.reconcile(&snapshot.node.addresses, changes.full)
-        {
-            // Services stay programmed for the socket LB; the next sync retries the attachment.
-            warn!(error = %e, "attaching the north-south tc programs failed");
+        if let Some(tc) = inner.tc.as_mut() {
+            match tc.reconcile(&snapshot.node.addresses, changes.full) {
+                // The pod watcher attaches to every other device once it knows these.
+                Ok(()) => {
+                    if let Some(p) = inner.pods.as_ref() {
+                        p.set_node_devices(tc.devices().iter().map(|d| d.ifindex));
+                    }
+                }
+                // Services stay programmed for the socket LB; the next sync retries the attachment.
+                Err(e) => warn!(error = %e, "attaching the north-south tc programs failed"),
+            }
         }
         // Also after a failed sync: the names follow whatever ids the writer holds now.
         inner.names.publish(&inner.writer, changes);

@@ -11,8 +11,9 @@
 //! - `kubeproxy_ebpf_datapath_events_total{event}`: the tc programs' counters (conntrack inserts and
 //!   insert failures, SNAT port exhaustion, drops for no endpoint / source range, translated packets, …)
 //! - `kubeproxy_ebpf_conntrack_entries`, `kubeproxy_ebpf_conntrack_map_pressure` (entries / capacity),
-//!   `kubeproxy_ebpf_conntrack_gc_runs_total`, `kubeproxy_ebpf_conntrack_gc_deleted_total`: from the
-//!   conntrack GC (the entry count is the one of its last pass, so a scrape never walks the map)
+//!   `kubeproxy_ebpf_conntrack_gc_runs_total`, `kubeproxy_ebpf_conntrack_gc_deleted_total`,
+//!   `kubeproxy_ebpf_conntrack_gc_pressure_runs_total`: from the conntrack GC (the entry count is the one of
+//!   its last pass, so a scrape never walks the map)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ const CT_ENTRIES: &str = "kubeproxy_ebpf_conntrack_entries";
 const CT_PRESSURE: &str = "kubeproxy_ebpf_conntrack_map_pressure";
 const CT_GC_RUNS: &str = "kubeproxy_ebpf_conntrack_gc_runs_total";
 const CT_GC_DELETED: &str = "kubeproxy_ebpf_conntrack_gc_deleted_total";
+const CT_GC_PRESSURE_RUNS: &str = "kubeproxy_ebpf_conntrack_gc_pressure_runs_total";
 const SERVICE_LABELS: [&str; 3] = ["service_port_name", "protocol", "ip_family"];
 
 /// Where the collector reads BPF state from: the pinned maps in production, [`FakeMaps`] in unit tests.
@@ -307,6 +309,11 @@ impl Collector for EbpfCollector {
                     "Cumulative number of eBPF conntrack entries removed by the GC",
                     ct.deleted.load(Ordering::Relaxed),
                 ),
+                (
+                    CT_GC_PRESSURE_RUNS,
+                    "Cumulative number of eBPF conntrack GC passes started early because the map was filling up",
+                    ct.pressure_runs.load(Ordering::Relaxed),
+                ),
             ] {
                 let c = IntCounter::with_opts(Opts::new(name, alpha(help))).expect("valid counter options");
                 c.inc_by(v);
@@ -369,5 +376,31 @@ kubeproxy_ebpf_service_no_endpoint_rejects_total{ip_family=\"IPv6\",protocol=\"U
         let out = encode(&registry);
         assert!(!out.contains("kube-system/dns"), "{out}");
         assert!(out.contains("service_port_name=\"default/web:http\"} 42"), "{out}");
+    }
+
+    #[test]
+    fn conntrack_gc_statistics() {
+        let stats = Arc::new(CtStats::default());
+        stats.entries.store(950, Ordering::Relaxed);
+        stats.max_entries.store(1000, Ordering::Relaxed);
+        stats.runs.store(7, Ordering::Relaxed);
+        stats.deleted.store(40, Ordering::Relaxed);
+        stats.pressure_runs.store(3, Ordering::Relaxed);
+        let registry = Registry::new();
+        EbpfCollector::new(Box::new(FakeMaps::default()), ServiceNameTable::default())
+            .with_conntrack(stats)
+            .register(&registry)
+            .unwrap();
+        let out = encode(&registry);
+        for line in [
+            "kubeproxy_ebpf_conntrack_entries 950",
+            "kubeproxy_ebpf_conntrack_map_pressure 0.95",
+            "kubeproxy_ebpf_conntrack_gc_runs_total 7",
+            "kubeproxy_ebpf_conntrack_gc_deleted_total 40",
+            "# TYPE kubeproxy_ebpf_conntrack_gc_pressure_runs_total counter",
+            "kubeproxy_ebpf_conntrack_gc_pressure_runs_total 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
+        }
     }
 }

@@ -6,7 +6,10 @@
 //! - `node`: `eth0` in `br0` 198.18.0.10/24 (node address, gets the tc programs), forwarding on, `vpod`
 //!   198.18.16.1/24 to the pod;
 //! - `pod`: `eth0` 198.18.16.10/24, default via 198.18.16.1 (a local endpoint);
-//! - `remote`: `eth0` in `br0` 198.18.0.11/24 (a remote endpoint; its replies come back through `br0`).
+//! - `remote`: `eth0` in `br0` 198.18.0.11/24 (a remote endpoint; its replies come back through `br0`), route
+//!   to the pods' 198.18.16.0/20 via the node;
+//! - `pod2`: `eth0` 198.18.17.10/24 behind the node's `vpod2` 198.18.17.1/24, default via the node (a client
+//!   pod for the per-packet ClusterIP path of `--socket-lb-scope`).
 //!
 //! Only 198.18.0.0/15 addresses; no namespace has a route off the machine; programs attach only to devices
 //! of the node namespace (the backend resolves devices there, never in the test's own namespace); nothing is
@@ -23,16 +26,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{SERVER_LIFETIME, ep, name, run, skip_reason, svc};
+use common::{CLIENT, SERVER_LIFETIME, ep, name, run, skip_reason, svc};
 use ebpf_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use proxier::backend::Backend;
 use proxier::model::{Changes, Endpoint, IpFamily, Protocol, ServicePortInfo, ServicePortName, Snapshot};
-use proxy_ebpf::{EbpfBackend, EbpfOptions, detect_cgroup2_mount};
+use proxy_ebpf::{EbpfBackend, EbpfOptions, SocketLbScope, detect_cgroup2_mount};
 
 const NODE_IP: &str = "198.18.0.10";
 const CLIENT_IP: &str = "198.18.0.200";
 const POD_IP: &str = "198.18.16.10";
 const REMOTE_IP: &str = "198.18.0.11";
+const POD2_IP: &str = "198.18.17.10";
 const NODE_PORT: u16 = 30080;
 const IO_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -41,6 +45,9 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 struct NsLab {
     ext: String,
     node: String,
+    pod: String,
+    pod2: String,
+    scope: SocketLbScope,
     created: Vec<String>,
     cgroup: PathBuf,
     bpffs: PathBuf,
@@ -69,6 +76,10 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
 
 impl NsLab {
     fn new(test: &str) -> Option<NsLab> {
+        Self::with_scope(test, SocketLbScope::All)
+    }
+
+    fn with_scope(test: &str, scope: SocketLbScope) -> Option<NsLab> {
         if let Some(reason) = skip_reason() {
             println!("SKIP {test}: {reason}");
             return None;
@@ -77,6 +88,9 @@ impl NsLab {
         let mut lab = NsLab {
             ext: format!("kpns-e-{tag}"),
             node: format!("kpns-n-{tag}"),
+            pod: format!("kpns-p-{tag}"),
+            pod2: format!("kpns-q-{tag}"),
+            scope,
             created: Vec::new(),
             cgroup: detect_cgroup2_mount().unwrap().join(format!("kp-ns-test-{tag}")),
             bpffs: PathBuf::from(format!("/sys/fs/bpf/kp-ns-test-{tag}")),
@@ -85,9 +99,9 @@ impl NsLab {
             backend: None,
             snap: Snapshot::default(),
         };
-        let (ext, node, pod, remote) =
-            (lab.ext.clone(), lab.node.clone(), format!("kpns-p-{tag}"), format!("kpns-r-{tag}"));
-        for ns in [&ext, &node, &pod, &remote] {
+        let (ext, node, pod, pod2, remote) =
+            (lab.ext.clone(), lab.node.clone(), lab.pod.clone(), lab.pod2.clone(), format!("kpns-r-{tag}"));
+        for ns in [&ext, &node, &pod, &pod2, &remote] {
             run("ip", &["netns", "add", ns]);
             lab.created.push(ns.clone());
             run("ip", &["-n", ns, "link", "set", "lo", "up"]);
@@ -109,6 +123,13 @@ impl NsLab {
         run("ip", &["-n", &pod, "addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"]);
         run("ip", &["-n", &pod, "link", "set", "eth0", "up"]);
         run("ip", &["-n", &pod, "route", "add", "default", "via", "198.18.16.1"]);
+        run("ip", &["-n", &node, "link", "add", "vpod2", "type", "veth", "peer", "name", "eth0", "netns", &pod2]);
+        run("ip", &["-n", &node, "addr", "add", "198.18.17.1/24", "dev", "vpod2"]);
+        run("ip", &["-n", &node, "link", "set", "vpod2", "up"]);
+        run("ip", &["-n", &pod2, "addr", "add", &format!("{POD2_IP}/24"), "dev", "eth0"]);
+        run("ip", &["-n", &pod2, "link", "set", "eth0", "up"]);
+        run("ip", &["-n", &pod2, "route", "add", "default", "via", "198.18.17.1"]);
+        run("ip", &["-n", &remote, "route", "add", "198.18.16.0/20", "via", NODE_IP]);
         lab.serve(&pod, POD_IP);
         lab.serve(&remote, REMOTE_IP);
         std::fs::create_dir(&lab.cgroup).unwrap();
@@ -122,6 +143,7 @@ impl NsLab {
         o.tc_netns = Some(netns(&self.node));
         // The tests run passes themselves.
         o.ct_gc_interval = Some(Duration::from_secs(3600));
+        o.socket_lb_scope = self.scope;
         o
     }
 
@@ -169,12 +191,73 @@ impl NsLab {
     }
 
     fn apply(&mut self, n: &ServicePortName, eps: Vec<Endpoint>, tweak: impl FnOnce(&mut ServicePortInfo)) {
-        let state = svc("198.19.1.1", 80, n.protocol, eps, tweak);
+        self.apply_at("198.19.1.1", n, eps, tweak);
+    }
+
+    fn apply_at(
+        &mut self,
+        cip: &str,
+        n: &ServicePortName,
+        eps: Vec<Endpoint>,
+        tweak: impl FnOnce(&mut ServicePortInfo),
+    ) {
+        let state = svc(cip, 80, n.protocol, eps, tweak);
         self.snap.v4.services.insert(n.clone(), state);
         let mut changes = Changes::default();
         changes.v4.services.insert(n.clone());
         let snap = self.snap.clone();
         self.backend().sync(&snap, &changes).expect("sync");
+    }
+
+    /// Runs the test client in namespace `ns` (and in the test cgroup, so socket LB applies unless the
+    /// scope excludes it); one output line per op.
+    fn client(&self, ns: &str, ops: &[(&str, &str, u16)]) -> Vec<String> {
+        let mut cmd = std::process::Command::new(CLIENT);
+        cmd.arg("--cgroup").arg(&self.cgroup).arg("--netns").arg(netns(ns));
+        for (op, addr, port) in ops {
+            cmd.args([*op, *addr, &port.to_string()]);
+        }
+        let mut child =
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("client");
+        // Every op has a 2 s timeout; bound the whole run anyway.
+        let deadline = Instant::now() + Duration::from_secs(5 + 3 * ops.len() as u64);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("client timed out: {ops:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    }
+
+    /// Forward conntrack entries from `client` to `vip`: each is a flow translated per packet, i.e. a
+    /// packet that left the client's namespace addressed to the ClusterIP.
+    fn ct_flows(&self, client: &str, vip: &str) -> usize {
+        let (c, v) = (proxy_ebpf::addr16(client.parse().unwrap()), proxy_ebpf::addr16(vip.parse().unwrap()));
+        proxy_ebpf::ct::CtMap::open(&self.bpffs)
+            .unwrap()
+            .dump()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.dir == ebpf_common::CT_DIR_FWD && k.saddr == c && k.daddr == v)
+            .count()
+    }
+
+    /// Waits (bounded) until the pod program is attached to every device in `names`.
+    fn wait_pod_devices(&mut self, names: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let devs = self.backend().pod_devices();
+            if names.iter().all(|n| devs.iter().any(|d| d.name == *n)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pod program not on {names:?}: {devs:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn tcp(&self, addr: &str, port: u16) -> Option<String> {
@@ -418,4 +501,213 @@ fn long_lived_tcp_connection_survives_restart() {
     drop(w);
     let mut rest = Vec::new();
     let _ = r.read_to_end(&mut rest);
+}
+
+#[test]
+fn node_port_session_affinity_sticks_per_client_address() {
+    let Some(mut lab) = NsLab::new("node_port_session_affinity_sticks_per_client_address") else { return };
+    let tcp = name("sticky", Protocol::Tcp);
+    let udp = name("sticky", Protocol::Udp);
+    let sticky = |i: &mut ServicePortInfo| {
+        i.node_port = NODE_PORT;
+        i.session_affinity_timeout = Some(60);
+    };
+    let eps = vec![ep(POD_IP, true), ep(REMOTE_IP, false)];
+    lab.apply(&tcp, eps.clone(), sticky);
+    lab.apply(&udp, eps.clone(), sticky);
+    let seen: Vec<String> = (0..20)
+        .map(|_| lab.tcp(NODE_IP, NODE_PORT).expect("tcp answer"))
+        .map(|l| field(&l, "backend=").unwrap_or_default().to_string())
+        .collect();
+    assert!(seen.iter().all(|b| b == &seen[0]) && !seen[0].is_empty(), "affinity must pin one backend: {seen:?}");
+    let udp_seen: Vec<String> = (0..10)
+        .map(|_| lab.udp(NODE_IP, NODE_PORT).expect("udp answer"))
+        .map(|l| field(&l, "backend=").unwrap_or_default().to_string())
+        .collect();
+    assert!(udp_seen.iter().all(|b| b == &udp_seen[0]), "{udp_seen:?}");
+
+    // Without affinity the same 2 backends are both used (20 picks miss one with probability 2^-19).
+    lab.apply(&tcp, eps, node_port);
+    let spread: std::collections::BTreeSet<String> = (0..20)
+        .map(|_| lab.tcp(NODE_IP, NODE_PORT).expect("tcp answer"))
+        .map(|l| field(&l, "backend=").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(spread.len(), 2, "{spread:?}");
+}
+
+fn backend_ip(line: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix("reply=backend=")).unwrap_or_default().to_string()
+}
+
+#[test]
+fn host_only_pods_reach_cluster_ip_per_packet() {
+    let Some(mut lab) = NsLab::with_scope("host_only_pods_reach_cluster_ip_per_packet", SocketLbScope::HostOnly) else {
+        return;
+    };
+    lab.wait_pod_devices(&["vpod", "vpod2"]);
+    let devs = lab.backend().pod_devices();
+    assert!(devs.iter().all(|d| d.name != "eth0" && d.name != "lo"), "{devs:?}");
+    let (tcp, udp) = (name("cip", Protocol::Tcp), name("cip", Protocol::Udp));
+    let eps = vec![ep(POD_IP, true), ep(REMOTE_IP, false)];
+    lab.apply(&tcp, eps.clone(), |_| {});
+    lab.apply(&udp, eps.clone(), |_| {});
+
+    // A pod (in the cgroup, but not the proxy's namespace): per packet, to the local and the remote backend;
+    // the backend sees the pod's own address, the pod sees the ClusterIP.
+    let ops: Vec<(&str, &str, u16)> = (0..20).map(|_| ("tcp", "198.19.1.1", 80)).collect();
+    let out = lab.client(&lab.pod2.clone(), &ops);
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &out {
+        assert!(l.starts_with("tcp ok peer=198.19.1.1:80 "), "{out:?}");
+        assert!(l.contains(&format!("peer={POD2_IP}:")), "backend must see the pod: {l}");
+        seen.insert(backend_ip(l));
+    }
+    assert_eq!(seen, [POD_IP.to_string(), REMOTE_IP.to_string()].into(), "{out:?}");
+    assert!(lab.ct_flows(POD2_IP, "198.19.1.1") >= 20, "no per-packet flows recorded");
+    let out = lab.client(&lab.pod2.clone(), &[("udp", "198.19.1.1", 80), ("udpc", "198.19.1.1", 80)]);
+    assert!(out.iter().all(|l| l.contains("ok peer=198.19.1.1:80 ")), "{out:?}");
+
+    // A node process still gets socket LB: no per-packet flow (the node has no route to the ClusterIP at all).
+    let before = lab.ct_flows(NODE_IP, "198.19.1.1");
+    let node = lab.node.clone();
+    let out = lab.client(&node, &[("tcp", "198.19.1.1", 80)]);
+    assert!(out[0].starts_with("tcp ok peer=198.19.1.1:80 "), "{out:?}");
+    assert_eq!(lab.ct_flows(NODE_IP, "198.19.1.1"), before);
+
+    // internalTrafficPolicy Local: only the local endpoint.
+    lab.apply(&tcp, eps.clone(), |i| i.internal_policy_local = true);
+    let ops: Vec<(&str, &str, u16)> = (0..8).map(|_| ("tcp", "198.19.1.1", 80)).collect();
+    let out = lab.client(&lab.pod2.clone(), &ops);
+    assert!(out.iter().all(|l| backend_ip(l) == POD_IP), "{out:?}");
+
+    // sessionAffinity ClientIP on the per-packet path.
+    lab.apply(&tcp, eps.clone(), |i| i.session_affinity_timeout = Some(60));
+    let ops: Vec<(&str, &str, u16)> = (0..12).map(|_| ("tcp", "198.19.1.1", 80)).collect();
+    let out = lab.client(&lab.pod2.clone(), &ops);
+    let first = backend_ip(&out[0]);
+    assert!(!first.is_empty() && out.iter().all(|l| backend_ip(l) == first), "{out:?}");
+
+    // Hairpin: a pod reaching its own endpoint through a ClusterIP; it sees the ClusterIP as the source.
+    let own = name("own", Protocol::Tcp);
+    lab.apply_at("198.19.1.2", &own, vec![ep(POD_IP, true)], |_| {});
+    let out = lab.client(&lab.pod.clone(), &[("tcp", "198.19.1.2", 80)]);
+    assert!(out[0].starts_with("tcp ok peer=198.19.1.2:80 "), "{out:?}");
+    assert_eq!(backend_ip(&out[0]), POD_IP, "{out:?}");
+    assert!(out[0].contains(" peer=198.19.1.2:"), "hairpin source-NATed to the ClusterIP: {out:?}");
+
+    // No endpoints: dropped per packet (socket LB would refuse), so the connect times out.
+    lab.apply(&tcp, vec![], |_| {});
+    let out = lab.client(&lab.pod2.clone(), &[("tcp", "198.19.1.1", 80)]);
+    assert!(out[0].starts_with("tcp err="), "{out:?}");
+}
+
+#[test]
+fn host_only_new_pod_device_and_restart_keep_per_packet_flows() {
+    let Some(mut lab) = NsLab::with_scope("host_only_new_pod_device_and_restart", SocketLbScope::HostOnly) else {
+        return;
+    };
+    lab.wait_pod_devices(&["vpod", "vpod2"]);
+    let tcp = name("cip", Protocol::Tcp);
+    lab.apply(&tcp, vec![ep(REMOTE_IP, false)], |_| {});
+
+    // A pod device created after the proxy started is picked up from the link event.
+    let pod3 = lab.pod2.replace("kpns-q-", "kpns-s-");
+    run("ip", &["netns", "add", &pod3]);
+    lab.created.push(pod3.clone());
+    run("ip", &["-n", &lab.node, "link", "add", "vpod3", "type", "veth", "peer", "name", "eth0", "netns", &pod3]);
+    run("ip", &["-n", &lab.node, "addr", "add", "198.18.18.1/24", "dev", "vpod3"]);
+    run("ip", &["-n", &lab.node, "link", "set", "vpod3", "up"]);
+    run("ip", &["-n", &pod3, "addr", "add", "198.18.18.10/24", "dev", "eth0"]);
+    run("ip", &["-n", &pod3, "link", "set", "lo", "up"]);
+    run("ip", &["-n", &pod3, "link", "set", "eth0", "up"]);
+    run("ip", &["-n", &pod3, "route", "add", "default", "via", "198.18.18.1"]);
+    lab.wait_pod_devices(&["vpod3"]);
+    let out = lab.client(&pod3, &[("tcp", "198.19.1.1", 80)]);
+    assert!(out[0].starts_with("tcp ok peer=198.19.1.1:80 ") && backend_ip(&out[0]) == REMOTE_IP, "{out:?}");
+
+    // An established per-packet connection survives a restart (programs swapped in the pinned links).
+    let sa = SocketAddr::new("198.19.1.1".parse().unwrap(), 80);
+    let conn = in_ns(&lab.pod2, move || TcpStream::connect_timeout(&sa, IO_TIMEOUT).expect("connect"));
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(field(&line, "backend="), Some(REMOTE_IP), "{line}");
+    let roundtrip = |r: &mut BufReader<TcpStream>, w: &mut TcpStream, msg: &str| {
+        writeln!(w, "{msg}").unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(l.trim(), msg);
+    };
+    roundtrip(&mut r, &mut w, "before");
+    drop(lab.backend.take());
+    roundtrip(&mut r, &mut w, "while down");
+    lab.start_backend();
+    roundtrip(&mut r, &mut w, "after restart");
+    lab.wait_pod_devices(&["vpod", "vpod2", "vpod3"]);
+    roundtrip(&mut r, &mut w, "after adoption");
+
+    // A vanished device's pin is removed.
+    run("ip", &["-n", &lab.node, "link", "del", "vpod3"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pod_pins = |lab: &NsLab| -> Vec<String> {
+        std::fs::read_dir(lab.bpffs.join("v1/links"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pod-"))
+            .collect()
+    };
+    while pod_pins(&lab).iter().any(|n| n.contains("vpod3")) {
+        assert!(Instant::now() < deadline, "stale pin kept: {:?}", pod_pins(&lab));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pod_pins(&lab).len(), 2, "{:?}", pod_pins(&lab));
+    drop(w);
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+
+    // Back to scope all: the pod programs are detached and their pins removed.
+    drop(lab.backend.take());
+    lab.scope = SocketLbScope::All;
+    lab.start_backend();
+    assert!(pod_pins(&lab).is_empty(), "{:?}", pod_pins(&lab));
+}
+
+#[test]
+fn opt_out_skip_and_unskip_one_pod() {
+    let Some(mut lab) = NsLab::with_scope("opt_out_skip_and_unskip_one_pod", SocketLbScope::OptOut) else {
+        return;
+    };
+    lab.wait_pod_devices(&["vpod", "vpod2"]);
+    let tcp = name("cip", Protocol::Tcp);
+    lab.apply(&tcp, vec![ep(POD_IP, true), ep(REMOTE_IP, false)], |_| {});
+    let pod2 = lab.pod2.clone();
+    let ops: Vec<(&str, &str, u16)> = (0..4).map(|_| ("tcp", "198.19.1.1", 80)).collect();
+
+    // Not listed: socket LB (no packet to the ClusterIP ever leaves the pod).
+    let out = lab.client(&pod2, &ops);
+    assert!(out.iter().all(|l| l.starts_with("tcp ok peer=198.19.1.1:80 ")), "{out:?}");
+    assert_eq!(lab.ct_flows(POD2_IP, "198.19.1.1"), 0);
+
+    let cookie = proxy_ebpf::socklb::netns_cookie(&netns(&pod2)).unwrap();
+    let mut skip = proxy_ebpf::SkipMap::open(&lab.bpffs).unwrap();
+    assert_eq!(skip.scope().map(|s| s.0), Some(SocketLbScope::OptOut));
+    skip.skip(cookie).unwrap();
+    assert_eq!(skip.list().unwrap(), vec![cookie]);
+    let out = lab.client(&pod2, &ops);
+    assert!(out.iter().all(|l| l.starts_with("tcp ok peer=198.19.1.1:80 ")), "{out:?}");
+    assert_eq!(lab.ct_flows(POD2_IP, "198.19.1.1"), 4, "skipped: every connection per packet");
+    // Another pod is not affected.
+    let pod = lab.pod.clone();
+    let out = lab.client(&pod, &[("tcp", "198.19.1.1", 80)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+    assert_eq!(lab.ct_flows(POD_IP, "198.19.1.1"), 0);
+
+    assert!(skip.unskip(cookie).unwrap());
+    assert!(!skip.unskip(cookie).unwrap());
+    let out = lab.client(&pod2, &ops);
+    assert!(out.iter().all(|l| l.starts_with("tcp ok peer=198.19.1.1:80 ")), "{out:?}");
+    assert_eq!(lab.ct_flows(POD2_IP, "198.19.1.1"), 4, "unskipped: socket LB again");
 }

@@ -1,25 +1,26 @@
-//! `kpctl`: read-only inspection of kube-proxy-rs's eBPF datapath.
+//! `kpctl`: inspection of kube-proxy-rs's eBPF datapath, and the per-pod socket-LB opt-out.
 //!
-//! It opens the maps kube-proxy pinned under `--bpffs-root` and prints them; it never writes a map, loads
-//! a program or touches a link. Reading pinned maps needs the same privileges as bpftool (root or
+//! It opens the maps kube-proxy pinned under `--bpffs-root` and prints them; the only map it writes is the
+//! opt-out list (`kpctl socket-lb skip|unskip`); it never loads a program or touches a link. Reading pinned maps needs the same privileges as bpftool (root or
 //! CAP_BPF). The logic lives in `proxy_ebpf::inspect`; this binary only parses flags and prints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use proxy_ebpf::inspect::{self, DEFAULT_BPFFS_ROOT};
-use proxy_ebpf::{AyaMaps, read_pinned_names};
+use proxy_ebpf::{AyaMaps, SkipMap, SocketLbScope, read_pinned_names, socklb};
 
-/// Inspect the eBPF socket load balancer of kube-proxy-rs (read-only).
+/// Inspect the eBPF socket load balancer of kube-proxy-rs; exclude pods from socket LB.
 ///
-/// kpctl opens the maps kube-proxy pinned under --bpffs-root and prints them. It never writes a map,
-/// loads a program or touches a link. Reading pinned maps needs root (or CAP_BPF).
+/// kpctl opens the maps kube-proxy pinned under --bpffs-root and prints them. Only `socket-lb skip` and
+/// `socket-lb unskip` write (the opt-out list); kpctl never loads a program or touches a link. Pinned
+/// maps need root (or CAP_BPF).
 #[derive(Debug, Parser)]
 #[command(
     name = "kpctl",
     version,
-    after_help = "Examples:\n  kpctl services\n  kpctl services --json\n  kpctl maps --bpffs-root /sys/fs/bpf/kube-proxy-rs"
+    after_help = "Examples:\n  kpctl services\n  kpctl services --json\n  kpctl maps --bpffs-root /sys/fs/bpf/kube-proxy-rs\n  kpctl socket-lb skip --netns /run/netns/cni-1234"
 )]
 struct Cli {
     /// The directory kube-proxy pins its maps under (kube-proxy's --bpffs-root); maps are read from
@@ -54,6 +55,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exclude a pod's network namespace from socket load balancing (kube-proxy --socket-lb-scope=opt-out).
+    ///
+    /// An excluded pod's connect() keeps the ClusterIP (what sidecar meshes such as Istio need); its packets
+    /// are translated per packet on the node instead. Meant for a chained CNI plugin (ADD: skip, DEL: unskip)
+    /// or an admission hook.
+    #[command(name = "socket-lb", subcommand)]
+    SocketLb(SocketLbCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SocketLbCommand {
+    /// Stop translating the sockets of a network namespace at connect()/sendmsg().
+    Skip {
+        /// The pod's network namespace: /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long, value_name = "PATH")]
+        netns: PathBuf,
+    },
+    /// Translate the sockets of a network namespace again.
+    Unskip {
+        /// The pod's network namespace: /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long, value_name = "PATH")]
+        netns: PathBuf,
+    },
+    /// Print the scope kube-proxy runs with and the excluded namespaces' cookies.
+    List,
 }
 
 fn run(cli: Cli) -> Result<String, Box<dyn std::error::Error>> {
@@ -76,6 +102,40 @@ fn run(cli: Cli) -> Result<String, Box<dyn std::error::Error>> {
         Command::Maps { json } => {
             let stats = inspect::PinnedMaps::open(&cli.bpffs_root)?.stats()?;
             Ok(if json { serde_json::to_string_pretty(&stats)? + "\n" } else { inspect::format_maps(&stats) })
+        }
+        Command::SocketLb(cmd) => socket_lb(&cli.bpffs_root, cmd),
+    }
+}
+
+fn socket_lb(bpffs_root: &Path, cmd: SocketLbCommand) -> Result<String, Box<dyn std::error::Error>> {
+    let mut map = SkipMap::open(bpffs_root)?;
+    let scope_note = |map: &SkipMap| match map.scope() {
+        Some((SocketLbScope::OptOut, _)) => String::new(),
+        Some((scope, _)) => format!(" (kube-proxy runs with --socket-lb-scope={scope}: the list has no effect)"),
+        None => String::new(),
+    };
+    match cmd {
+        SocketLbCommand::Skip { netns } => {
+            let cookie = socklb::netns_cookie(&netns)?;
+            map.skip(cookie)?;
+            Ok(format!("skipped {} (netns cookie {cookie}){}\n", netns.display(), scope_note(&map)))
+        }
+        SocketLbCommand::Unskip { netns } => {
+            let cookie = socklb::netns_cookie(&netns)?;
+            let was = map.unskip(cookie)?;
+            let what = if was { "unskipped" } else { "was not skipped:" };
+            Ok(format!("{what} {} (netns cookie {cookie})\n", netns.display()))
+        }
+        SocketLbCommand::List => {
+            let mut out = match map.scope() {
+                Some((scope, host)) => format!("scope: {scope}\nhost netns cookie: {host}\n"),
+                None => "scope: unknown (no KP_SOCK_LB_CFG pinned)\n".to_string(),
+            };
+            out.push_str("skipped netns cookies:\n");
+            for c in map.list()? {
+                out.push_str(&format!("{c}\n"));
+            }
+            Ok(out)
         }
     }
 }
