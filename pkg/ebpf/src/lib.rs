@@ -24,6 +24,7 @@ mod loader;
 mod maps;
 mod metrics;
 mod names;
+mod pins;
 mod pods;
 pub mod socklb;
 mod sys;
@@ -87,6 +88,20 @@ pub enum EbpfError {
         kind: &'static str,
         /// The name looked up.
         name: &'static str,
+    },
+    /// A pinned map of an earlier build has another shape than this build's, and holds state that live
+    /// flows depend on, so it is neither adopted nor replaced silently.
+    #[error(
+        "pinned map {path} has {found} but this build expects {expected}: run `kube-proxy --cleanup` \
+         (drops translated flows) or remove the pin"
+    )]
+    PinnedMapShape {
+        /// The pin.
+        path: PathBuf,
+        /// Shape of the pinned map.
+        found: String,
+        /// Shape in the embedded object.
+        expected: String,
     },
     /// Loading (verifying) or attaching a program failed.
     #[error("program {name}: {action} failed")]

@@ -183,12 +183,13 @@ impl EbpfBackend {
             fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
         }
 
+        crate::pins::check_pinned_maps(OBJECT, &maps_dir)?;
         let pin_paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let adopting = pin_paths.iter().filter(|(_, p)| p.exists()).count();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::CT, opts.ct_max_entries);
         for (name, path) in &pin_paths {
-            // Reuses the pinned map when present (aya does not check its shape: hence the version dir).
+            // Reuses the pinned map when present; its shape was checked above.
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf =

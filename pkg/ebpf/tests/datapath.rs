@@ -275,3 +275,55 @@ fn writer_on_real_maps_matches_fake_maps() {
     let seen: BTreeSet<String> = lab.tcp_backends(CIP4, 80, 5).into_iter().collect();
     assert_eq!(seen, BTreeSet::from([POD_V4[0].to_string()]));
 }
+
+/// `bpf(BPF_MAP_CREATE)` + `bpf(BPF_OBJ_PIN)`: a map of another shape where the proxy pins one of its own.
+fn pin_foreign_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    let mut attr = [0u8; 128];
+    for (i, v) in [map_type, key_size, value_size, max_entries].iter().enumerate() {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: attr is a zeroed bpf_attr large enough for MAP_CREATE (BPF_MAP_CREATE = 0).
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut pin = [0u8; 128];
+    pin[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: BPF_OBJ_PIN = 6 with pathname and bpf_fd set; cpath outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), pin.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    // SAFETY: our fd; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn pinned_maps_of_another_shape_are_recreated_or_refused() {
+    let Some(mut lab) = Lab::new("pinned_maps_of_another_shape") else { return };
+    let mut snap = Snapshot::default();
+    apply(&mut lab, &mut snap, name("web", Protocol::Tcp), Some(svc(CIP4, 80, Protocol::Tcp, v4_eps(2), |_| {})));
+    drop(lab.backend.take());
+    let maps = lab.bpffs.join("v1/maps");
+    let opts = || EbpfOptions::new(&lab.cgroup, &lab.bpffs, vec![IpFamily::V4, IpFamily::V6]);
+
+    // An earlier build's datapath counters had fewer slots: disposable, so re-created with this build's size.
+    let counters = maps.join(ebpf_common::map_names::DP_COUNTERS);
+    std::fs::remove_file(&counters).unwrap();
+    pin_foreign_map(&counters, 6, 4, 8, 3);
+    lab.backend = Some(EbpfBackend::new(opts()).expect("counters re-created"));
+    let info = aya::maps::MapInfo::from_pin(&counters).unwrap();
+    assert_eq!(info.max_entries(), ebpf_common::dp_counter::COUNT);
+    let out = lab.client(true, &[("tcp", CIP4, 80)]);
+    assert!(out[0].starts_with("tcp ok"), "{out:?}");
+    drop(lab.backend.take());
+
+    // Conntrack holds live flows: another shape is refused with the pin named, nothing replaced.
+    let ct = maps.join(ebpf_common::map_names::CT);
+    std::fs::remove_file(&ct).unwrap();
+    pin_foreign_map(&ct, 1, 4, 4, 16);
+    let err = EbpfBackend::new(opts()).err().expect("a conntrack map of another shape is refused").to_string();
+    assert!(err.contains("KP_CT") && err.contains("key size 4, value size 4"), "{err}");
+    assert_eq!(aya::maps::MapInfo::from_pin(&ct).unwrap().value_size(), 4, "the foreign pin was left alone");
+    std::fs::remove_file(&ct).unwrap();
+    lab.backend = Some(EbpfBackend::new(opts()).expect("a fresh conntrack map"));
+}
