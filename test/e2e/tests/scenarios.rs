@@ -1240,4 +1240,3 @@ fn measure_latency_with_10k_services(mode: &str) {
     lab.wait_programmed("pod-0-0", Proto::Tcp, vip, &["pod-0-2"], Duration::from_secs(300)).unwrap();
     println!("[{mode}] NUMBERS {n} Services deleted and unprogrammed in {:.1} s", t0.elapsed().as_secs_f64());
 }
-
