@@ -2,7 +2,9 @@
 # The benchmark: for each backend (ebpf, iptables; a mode that is not built yet is skipped with a note) and
 # each number of Services N, the real kube-proxy in the lab (network namespaces as nodes and pods, the in-repo
 # API server): full-sync time, endpoint-update latency, connect+request+close latency and short-connection
-# throughput via the ClusterIP against the pod IPs, one bulk TCP stream (iperf3), and the proxy's cost (RSS,
+# throughput via the ClusterIP against the pod IPs, one bulk TCP stream (iperf3), north-south NodePort
+# throughput from the lab's external client (short TCP connections and small UDP request/replies to remote
+# backends, against the same client reaching the pod IPs over the same hops), and the proxy's cost (RSS,
 # CPU, BPF map memory / iptables rule count). Writes results.json, results.md, meta.json and PNG plots.
 # Needs root. See BENCHMARKS.md.
 #

@@ -7,13 +7,13 @@
 //! `pod-0-*` on node 0 (198.18.0.10), `pod-1-*` on node 1 (198.18.0.11).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e::lab::{
-    EXTERNAL_IP4, Ep, Family, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary, pods_answered,
-    scenario::Scenario,
+    EXTERNAL_IP4, EXTERNAL_IP6, Ep, Family, Lab, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary,
+    pods_answered, scenario::Scenario,
 };
 use serde_json::{Value, json};
 
@@ -42,6 +42,16 @@ per_mode! {
         iptables_node_port_1000_connections_spread;
     node_port_connection_survives_kill_9 => ebpf_node_port_connection_survives_kill_9,
         iptables_node_port_connection_survives_kill_9;
+    node_port_from_external_ipv6_cluster_and_local => ebpf_node_port_from_external_ipv6_cluster_and_local,
+        iptables_node_port_from_external_ipv6_cluster_and_local;
+    external_ip_and_lb_source_ranges_from_external_ipv6 => ebpf_external_ip_and_lb_source_ranges_from_external_ipv6,
+        iptables_external_ip_and_lb_source_ranges_from_external_ipv6;
+    dual_stack_node_port_from_external => ebpf_dual_stack_node_port_from_external,
+        iptables_dual_stack_node_port_from_external;
+    health_check_node_port_steers_local_traffic => ebpf_health_check_node_port_steers_local_traffic,
+        iptables_health_check_node_port_steers_local_traffic;
+    node_port_multiple_ports_from_external => ebpf_node_port_multiple_ports_from_external,
+        iptables_node_port_multiple_ports_from_external;
 }
 
 fn config(mode: &str) -> LabConfig {
@@ -87,18 +97,42 @@ fn node_port_spec(node_port: u16, extra: Value) -> Value {
     json!({ "spec": spec })
 }
 
+fn node_ip(lab: &Lab, i: usize, family: Family) -> IpAddr {
+    let n = lab.node(i).unwrap();
+    match family {
+        Family::V4 => n.ip4.into(),
+        Family::V6 => n.ip6.into(),
+    }
+}
+
+fn external_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => EXTERNAL_IP4.into(),
+        Family::V6 => EXTERNAL_IP6.into(),
+    }
+}
+
 /// NodePort from outside, on the node hosting the only backend and on the node that does not. Under
 /// `Cluster` both answer and the pod sees the other node's address when that node forwards; under `Local`
 /// only the hosting node answers and the pod sees the client.
 fn node_port_from_external_cluster_and_local(mode: &str) {
-    let Some(mut s) = Scenario::up("node_port_from_external_cluster_and_local", config(mode)) else { return };
+    node_port_cluster_and_local(mode, Family::V4, "node_port_from_external_cluster_and_local")
+}
+
+/// [`node_port_from_external_cluster_and_local`] over IPv6: an IPv6 Service, the nodes' IPv6 addresses.
+fn node_port_from_external_ipv6_cluster_and_local(mode: &str) {
+    node_port_cluster_and_local(mode, Family::V6, "node_port_from_external_ipv6_cluster_and_local")
+}
+
+fn node_port_cluster_and_local(mode: &str, family: Family, name: &str) {
+    let Some(mut s) = Scenario::up(name, config(mode)) else { return };
     let lab = s.lab();
     let np = 30090;
-    lab.apply_service("np", Family::V4, node_port_spec(np, json!({}))).unwrap();
+    lab.apply_service("np", family, node_port_spec(np, json!({}))).unwrap();
     lab.set_endpoints("np", &[Ep::ready("pod-1-0")]).unwrap();
-    let (n0, n1) = (lab.node(0).unwrap().ip4, lab.node(1).unwrap().ip4);
-    let hosting = SocketAddr::new(n1.into(), np);
-    let other = SocketAddr::new(n0.into(), np);
+    let (n0, n1) = (node_ip(lab, 0, family), node_ip(lab, 1, family));
+    let hosting = SocketAddr::new(n1, np);
+    let other = SocketAddr::new(n0, np);
     for proto in [Proto::Tcp, Proto::Udp] {
         for addr in [hosting, other] {
             lab.wait_programmed(Place::External, proto, addr, &["pod-1-0"], T)
@@ -111,12 +145,16 @@ fn node_port_from_external_cluster_and_local(mode: &str) {
         assert_answered(&probes, &["pod-1-0"], &format!("Cluster, {proto:?} via the hosting node {hosting}"));
     }
 
-    lab.apply_service("np", Family::V4, node_port_spec(np, json!({"externalTrafficPolicy": "Local"}))).unwrap();
+    lab.apply_service("np", family, node_port_spec(np, json!({"externalTrafficPolicy": "Local"}))).unwrap();
     lab.wait_programmed(Place::External, Proto::Tcp, other, &[], T).expect("Local: the other node stops answering");
     for proto in [Proto::Tcp, Proto::Udp] {
         let probes = lab.probe(Place::External, proto, &[hosting], 10).unwrap();
         assert_answered(&probes, &["pod-1-0"], &format!("Local, {proto:?} via the hosting node"));
-        assert_seen_client(&probes, &EXTERNAL_IP4.to_string(), &format!("Local, {proto:?}: client address kept"));
+        assert_seen_client(
+            &probes,
+            &external_ip(family).to_string(),
+            &format!("Local, {proto:?}: client address kept"),
+        );
         assert_no_answer(
             &lab.probe(Place::External, proto, &[other], 3).unwrap(),
             &format!("Local, {proto:?} via the node without a local endpoint"),
@@ -127,17 +165,32 @@ fn node_port_from_external_cluster_and_local(mode: &str) {
 /// ExternalIP and LoadBalancer IP from outside (routed to node 0), with `loadBalancerSourceRanges` that allow
 /// and then exclude the client; the ranges never restrict the ExternalIP.
 fn external_ip_and_lb_source_ranges_from_external(mode: &str) {
-    let Some(mut s) = Scenario::up("external_ip_and_lb_source_ranges_from_external", config(mode)) else { return };
+    external_ip_and_lb_source_ranges(mode, Family::V4, "external_ip_and_lb_source_ranges_from_external")
+}
+
+/// [`external_ip_and_lb_source_ranges_from_external`] over IPv6.
+fn external_ip_and_lb_source_ranges_from_external_ipv6(mode: &str) {
+    external_ip_and_lb_source_ranges(mode, Family::V6, "external_ip_and_lb_source_ranges_from_external_ipv6")
+}
+
+fn external_ip_and_lb_source_ranges(mode: &str, family: Family, name: &str) {
+    let Some(mut s) = Scenario::up(name, config(mode)) else { return };
     let lab = s.lab();
-    lab.route_external_via("198.19.254.0/24", 0).unwrap();
-    let (external_ip, lb_ip) = ("198.19.254.1", "198.19.254.2");
+    // Inside the lab's Service ranges (which nodes route to the bridge namespace, never off the machine).
+    let (prefix, external_ip, lb_ip, client_range, other_range) = match family {
+        Family::V4 => ("198.19.254.0/24", "198.19.254.1", "198.19.254.2", "198.18.0.200/32", "198.18.1.0/24"),
+        Family::V6 => {
+            ("2001:db8:19::fe:0/112", "2001:db8:19::fe:1", "2001:db8:19::fe:2", "2001:db8::200/128", "2001:db8:1::/64")
+        }
+    };
+    lab.route_external_via(prefix, 0).unwrap();
     let backends = ["pod-0-1", "pod-1-0"];
     let spec = |ranges: &[&str]| {
         json!({"spec": {"type": "LoadBalancer", "externalIPs": [external_ip], "loadBalancerSourceRanges": ranges,
                         "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30091}]},
                "status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}})
     };
-    lab.apply_service("lb", Family::V4, spec(&["198.18.0.200/32"])).unwrap();
+    lab.apply_service("lb", family, spec(&[client_range])).unwrap();
     lab.set_endpoints("lb", &backends.map(Ep::ready)).unwrap();
     let ext = SocketAddr::new(external_ip.parse().unwrap(), 80);
     let lb = SocketAddr::new(lb_ip.parse().unwrap(), 80);
@@ -146,7 +199,7 @@ fn external_ip_and_lb_source_ranges_from_external(mode: &str) {
             .unwrap_or_else(|e| panic!("{addr} from outside: {e:#}"));
         assert_answered(&lab.probe_tcp(Place::External, addr, 20).unwrap(), &backends, &format!("{addr}, allowed"));
     }
-    lab.apply_service("lb", Family::V4, spec(&["198.18.1.0/24"])).unwrap();
+    lab.apply_service("lb", family, spec(&[other_range])).unwrap();
     lab.wait_programmed(Place::External, Proto::Tcp, lb, &[], T).expect("LB IP closed to a source outside the ranges");
     assert_no_answer(&lab.probe_tcp(Place::External, lb, 3).unwrap(), "LB IP, source outside the ranges");
     assert_answered(&lab.probe_tcp(Place::External, ext, 10).unwrap(), &backends, "ExternalIP ignores the ranges");
@@ -194,4 +247,164 @@ fn node_port_connection_survives_kill_9(mode: &str) {
     println!("[{mode}] tcp-hold through a NodePort across kill -9: {sum}");
     assert_eq!(sum["failed"], false, "{sum}");
     assert_answered(&lab.probe_tcp(Place::External, addr, 10).unwrap(), &["pod-1-0"], "new connections after restart");
+}
+
+/// A dual-stack NodePort Service (one slice per family) from outside: each node answers on its IPv4 and its
+/// IPv6 address, through the other node with SNAT to that node's address of the same family.
+fn dual_stack_node_port_from_external(mode: &str) {
+    let Some(mut s) = Scenario::up("dual_stack_node_port_from_external", config(mode)) else { return };
+    let lab = s.lab();
+    let np = 30094;
+    // ClusterIPs clear of what the lab hands out (from 198.19.0.10 and 2001:db8:19::10 up).
+    let extra = json!({"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+                       "clusterIP": "198.19.0.250", "clusterIPs": ["198.19.0.250", "2001:db8:19::ff:1"]});
+    lab.apply_service("ds", Family::V4, node_port_spec(np, extra)).unwrap();
+    for family in [Family::V4, Family::V6] {
+        lab.set_endpoints_family("ds", family, &[Ep::ready("pod-1-1")]).unwrap();
+    }
+    for family in [Family::V4, Family::V6] {
+        let (n0, n1) = (node_ip(lab, 0, family), node_ip(lab, 1, family));
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for addr in [SocketAddr::new(n0, np), SocketAddr::new(n1, np)] {
+                lab.wait_programmed(Place::External, proto, addr, &["pod-1-1"], T)
+                    .unwrap_or_else(|e| panic!("{proto:?} {addr} from outside: {e:#}"));
+            }
+            let via_other = SocketAddr::new(n0, np);
+            let probes = lab.probe(Place::External, proto, &[via_other], 10).unwrap();
+            assert_answered(&probes, &["pod-1-1"], &format!("{family:?} {proto:?} via {via_other}"));
+            assert_seen_client(&probes, &n0.to_string(), &format!("{family:?} {proto:?} via {via_other}: SNAT"));
+        }
+    }
+}
+
+/// `externalTrafficPolicy: Local` with a health-check node port, seen from outside: the node with the local
+/// endpoint answers 200 on `/healthz` with upstream's body (`localEndpoints: 1`) and serves its NodePort with
+/// the client's own address; the other node answers 503 (`localEndpoints: 0`) and drops NodePort traffic.
+/// When the endpoint moves to the other node, both flip.
+fn health_check_node_port_steers_local_traffic(mode: &str) {
+    let Some(mut s) = Scenario::up("health_check_node_port_steers_local_traffic", config(mode)) else { return };
+    let lab = s.lab();
+    let (np, hc) = (30095, 32095);
+    lab.apply_service(
+        "hc",
+        Family::V4,
+        json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": hc,
+                        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": np}]}}),
+    )
+    .unwrap();
+    let nodes = [node_ip(lab, 0, Family::V4), node_ip(lab, 1, Family::V4)];
+    for (pod, with) in [("pod-1-0", 1usize), ("pod-0-1", 0)] {
+        let without = 1 - with;
+        lab.set_endpoints("hc", &[Ep::ready(pod)]).unwrap();
+        let (np_with, np_without) = (SocketAddr::new(nodes[with], np), SocketAddr::new(nodes[without], np));
+        let (hc_with, hc_without) = (SocketAddr::new(nodes[with], hc), SocketAddr::new(nodes[without], hc));
+        let status = |addr: SocketAddr, want: u16| {
+            e2e::wait_for(T, || {
+                lab.http_get_in(Place::External, addr, "/healthz").unwrap().filter(|r| r.status == want)
+            })
+            .unwrap_or_else(|| panic!("{pod}: GET http://{addr}/healthz from outside never answered {want}"))
+        };
+        for (addr, want, local) in [(hc_with, 200, 1), (hc_without, 503, 0)] {
+            let r = status(addr, want);
+            let body: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{addr}: {e}: {}", r.body));
+            assert_eq!(body["localEndpoints"], local, "{pod}: {addr}: {}", r.body);
+            assert_eq!(body["service"], json!({"namespace": "default", "name": "hc"}), "{addr}: {}", r.body);
+            assert_eq!(body["serviceProxyHealthy"], true, "{addr}: {}", r.body);
+            assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some(local.to_string().as_str()), "{addr}");
+        }
+        lab.wait_programmed(Place::External, Proto::Tcp, np_with, &[pod], T)
+            .unwrap_or_else(|e| panic!("{pod}: NodePort of its node {np_with}: {e:#}"));
+        lab.wait_programmed(Place::External, Proto::Tcp, np_without, &[], T)
+            .unwrap_or_else(|e| panic!("{pod}: NodePort of the node without it {np_without}: {e:#}"));
+        let probes = lab.probe_tcp(Place::External, np_with, 10).unwrap();
+        assert_answered(&probes, &[pod], &format!("{pod}: NodePort {np_with} of the node with the endpoint"));
+        assert_seen_client(&probes, &EXTERNAL_IP4.to_string(), &format!("{pod}: client address kept"));
+        // Dropped, not refused: the probes time out instead of getting a RST.
+        let probes = lab.probe_tcp(Place::External, np_without, 3).unwrap();
+        assert_no_answer(&probes, &format!("{pod}: NodePort {np_without} of the node without the endpoint"));
+        assert!(
+            probes.iter().all(|p| p.errno != Some(libc::ECONNREFUSED)),
+            "{pod}: {np_without} refused instead of dropping: {probes:#?}"
+        );
+    }
+}
+
+/// One Service with several ports from outside: two TCP ports and two UDP ports on two node ports (TCP and
+/// UDP share each number), each translated to its own target port. The TCP port whose target no pod listens
+/// on is refused by the pod, so a node port mapped to the wrong target would show.
+fn node_port_multiple_ports_from_external(mode: &str) {
+    let Some(mut s) = Scenario::up("node_port_multiple_ports_from_external", config(mode)) else { return };
+    let lab = s.lab();
+    let (np_a, np_b, np_closed) = (30096, 30097, 30098);
+    let backends = ["pod-0-0", "pod-1-1"];
+    lab.apply_service(
+        "multi",
+        Family::V4,
+        json!({"spec": {"type": "NodePort", "ports": [
+            {"name": "tcp-a", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": np_a},
+            {"name": "tcp-b", "port": 81, "protocol": "TCP", "targetPort": 8081, "nodePort": np_b},
+            {"name": "tcp-closed", "port": 82, "protocol": "TCP", "targetPort": 8089, "nodePort": np_closed},
+            {"name": "udp-a", "port": 53, "protocol": "UDP", "targetPort": 8053, "nodePort": np_a},
+            {"name": "udp-b", "port": 54, "protocol": "UDP", "targetPort": 8080, "nodePort": np_b}]}}),
+    )
+    .unwrap();
+    lab.set_endpoints("multi", &backends.map(Ep::ready)).unwrap();
+    for i in 0..2 {
+        let node = node_ip(lab, i, Family::V4);
+        for (proto, port) in [(Proto::Tcp, np_a), (Proto::Tcp, np_b), (Proto::Udp, np_a), (Proto::Udp, np_b)] {
+            let addr = SocketAddr::new(node, port);
+            lab.wait_programmed(Place::External, proto, addr, &backends, T)
+                .unwrap_or_else(|e| panic!("{proto:?} {addr} from outside: {e:#}"));
+            assert_answered(
+                &lab.probe(Place::External, proto, &[addr], 12).unwrap(),
+                &backends,
+                &format!("{proto:?} {addr}"),
+            );
+        }
+        let closed = SocketAddr::new(node, np_closed);
+        let probes = lab.probe_tcp(Place::External, closed, 6).unwrap();
+        assert_no_answer(&probes, &format!("{closed} (target port 8089, no listener)"));
+        assert!(
+            probes.iter().all(|p| p.errno == Some(libc::ECONNREFUSED)),
+            "{closed}: the pod's refusal expected (translated to a port nobody serves): {probes:#?}"
+        );
+    }
+}
+
+#[test]
+fn ebpf_node_port_session_affinity_from_external() {
+    node_port_session_affinity_from_external("ebpf")
+}
+
+#[test]
+fn iptables_node_port_session_affinity_from_external() {
+    node_port_session_affinity_from_external("iptables")
+}
+
+/// `sessionAffinity: ClientIP` on a NodePort from outside: every connection of the external client lands on
+/// one backend (per node: each node keeps its own affinity table, as upstream).
+fn node_port_session_affinity_from_external(mode: &str) {
+    let Some(mut s) = Scenario::up("node_port_session_affinity_from_external", config(mode)) else { return };
+    let lab = s.lab();
+    let np = 30097;
+    let backends = ["pod-0-1", "pod-1-0", "pod-1-1"];
+    lab.apply_service("aff", Family::V4, node_port_spec(np, json!({}))).unwrap();
+    lab.set_endpoints("aff", &backends.map(Ep::ready)).unwrap();
+    let addr = SocketAddr::new(node_ip(lab, 0, Family::V4), np);
+    lab.wait_programmed(Place::External, Proto::Tcp, addr, &backends, T).unwrap();
+    lab.apply_service("aff", Family::V4, node_port_spec(np, json!({"sessionAffinity": "ClientIP"}))).unwrap();
+    // Programmed once a round of connections sticks to one backend.
+    let deadline = std::time::Instant::now() + T;
+    let probes = loop {
+        let probes = lab.probe_tcp(Place::External, addr, 30).unwrap();
+        if (probes.iter().all(|p| p.ok) && pods_answered(&probes).len() == 1) || std::time::Instant::now() > deadline {
+            break probes;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(probes.iter().all(|p| p.ok), "{probes:#?}");
+    assert_eq!(pods_answered(&probes).len(), 1, "ClientIP affinity: {:?}", answers_by_pod(&probes));
+    // And it keeps sticking.
+    let again = lab.probe_tcp(Place::External, addr, 20).unwrap();
+    assert_answered(&again, &[pods_answered(&probes).first().unwrap().as_str()], "affinity, second round");
 }

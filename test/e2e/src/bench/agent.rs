@@ -5,7 +5,7 @@
 //! Every loop is bounded by a count and a deadline.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -65,6 +65,22 @@ pub enum AgentCmd {
         #[arg(long, default_value_t = 2_000)]
         duration_ms: u64,
     },
+    /// Concurrent clients, each one connected UDP socket (one flow) sending a small request and waiting for
+    /// the reply before the next, for a while.
+    Udp {
+        /// Targets (client `c` uses target `c mod len`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<SocketAddr>,
+        /// Concurrent clients (threads).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// How long.
+        #[arg(long, default_value_t = 2_000)]
+        duration_ms: u64,
+        /// Wait for one reply before counting the request lost.
+        #[arg(long, default_value_t = 200)]
+        timeout_ms: u64,
+    },
 }
 
 /// Output of `agent wait`.
@@ -108,6 +124,19 @@ pub struct RpsResult {
     pub failed: u64,
     /// Measured wall time.
     pub seconds: f64,
+}
+
+/// Output of `agent udp`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdpResult {
+    /// Requests answered (each is one request and one reply packet).
+    pub ok: u64,
+    /// Requests without a reply within the timeout.
+    pub lost: u64,
+    /// Measured wall time.
+    pub seconds: f64,
+    /// The first socket error (setup or send), if any.
+    pub error: Option<String>,
 }
 
 /// connect, write a line, read the reply line, close. Returns the pod that answered.
@@ -226,6 +255,72 @@ fn rps(targets: &[SocketAddr], clients: usize, duration: Duration) -> RpsResult 
     RpsResult { ok: ok_n, failed: failed_n, seconds }
 }
 
+/// One client of [`udp`]: request, wait for the reply (or the timeout), repeat until `stop`; counts into
+/// `ok` and `lost`.
+fn udp_client(
+    target: SocketAddr,
+    timeout: Duration,
+    stop: &AtomicBool,
+    ok: &AtomicU64,
+    lost: &AtomicU64,
+) -> std::io::Result<()> {
+    let bind: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
+    let s = UdpSocket::bind(bind)?;
+    // Connected: only the frontend's replies are received, and the flow is one 5-tuple throughout.
+    s.connect(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 256];
+    for _ in 0..MAX_ATTEMPTS {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // A timeout, or an ICMP error surfacing on the connected socket: a lost exchange either way.
+        if s.send(b"hello\n").is_err() {
+            lost.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        match s.recv(&mut buf) {
+            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => lost.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+    Ok(())
+}
+
+fn udp(targets: &[SocketAddr], clients: usize, duration: Duration, timeout: Duration) -> UdpResult {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let lost = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients.clamp(1, 64))
+        .map(|c| {
+            let (stop, ok, lost, target) = (stop.clone(), ok.clone(), lost.clone(), targets[c % targets.len()]);
+            std::thread::spawn(move || udp_client(target, timeout, &stop, &ok, &lost))
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    // Count only what finished inside the window.
+    let mut r = UdpResult {
+        ok: ok.load(Ordering::Relaxed),
+        lost: lost.load(Ordering::Relaxed),
+        seconds: start.elapsed().as_secs_f64(),
+        error: None,
+    };
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                r.error.get_or_insert_with(|| e.to_string());
+            }
+            Err(_) => {
+                r.error.get_or_insert_with(|| "client thread panicked".into());
+            }
+        }
+    }
+    r
+}
+
 /// Runs an agent command and prints its JSON line.
 pub fn main(cmd: AgentCmd) {
     let out = match cmd {
@@ -239,6 +334,12 @@ pub fn main(cmd: AgentCmd) {
         AgentCmd::Rps { targets, clients, duration_ms } => {
             json!(rps(&targets, clients, Duration::from_millis(duration_ms.min(600_000))))
         }
+        AgentCmd::Udp { targets, clients, duration_ms, timeout_ms } => json!(udp(
+            &targets,
+            clients,
+            Duration::from_millis(duration_ms.min(600_000)),
+            Duration::from_millis(timeout_ms.clamp(1, 10_000))
+        )),
     };
     println!("{out}");
 }

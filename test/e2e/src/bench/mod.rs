@@ -1,6 +1,7 @@
 //! The benchmark (`hack/bench.sh`, the `bench` binary): per backend and per number of Services, the real
 //! `kube-proxy` in the lab measured for full-sync time, update latency, per-connection cost, short-connection
-//! throughput, bulk throughput and its own cost (RSS, CPU, BPF map memory or iptables rule count).
+//! throughput, bulk throughput, north-south NodePort throughput (TCP and UDP, from outside the cluster) and
+//! its own cost (RSS, CPU, BPF map memory or iptables rule count).
 //!
 //! - [`agent`]: the probes, run inside a pod by re-executing the bench binary (`bench agent ...`);
 //! - [`run`]: the matrix driver (one lab per backend, Services added as N grows);
@@ -72,6 +73,27 @@ pub const METRICS: &[MetricDef] = &[
     m("rps_direct", "req/s", "same to the pod IPs"),
     m("rps_ratio", "x", "ClusterIP / direct"),
     m("rps_clusterip_failed", "%", "throughput exchanges via the ClusterIP that failed (only if any)"),
+    m(
+        "np_rps",
+        "req/s",
+        "north-south: new connection per request, concurrent clients outside the cluster, to node-0's NodePort \
+         (backends on node-1: DNAT + SNAT)",
+    ),
+    m(
+        "np_rps_direct",
+        "req/s",
+        "same clients to the backends' pod IPs over the same route (node-0, node-1), no Service",
+    ),
+    m("np_rps_ratio", "x", "NodePort / direct"),
+    m("np_rps_failed", "%", "NodePort exchanges that failed (only if any)"),
+    m(
+        "np_udp_pps",
+        "pkt/s",
+        "north-south: small UDP request + reply (2 packets) per exchange, one flow per client, via the NodePort",
+    ),
+    m("np_udp_direct", "pkt/s", "same to the backends' pod IPs over the same route"),
+    m("np_udp_ratio", "x", "NodePort / direct"),
+    m("np_udp_failed", "%", "UDP requests via the NodePort without a reply within 200 ms (only if any)"),
     m("bulk_clusterip", "Gbit/s", "one iperf3 TCP stream via the ClusterIP"),
     m("bulk_direct", "Gbit/s", "same to the pod IP"),
     m("bulk_ratio", "x", "ClusterIP / direct"),
@@ -308,6 +330,8 @@ mod tests {
         assert!(!expected_metrics("ebpf", true).contains(&"iptables_rules"));
         assert!(!expected_metrics("iptables", false).contains(&"bulk_ratio"));
         assert!(!expected_metrics("iptables", true).contains(&"conn_clusterip_failed"));
+        assert!(expected_metrics("iptables", false).contains(&"np_udp_ratio"));
+        assert!(!expected_metrics("ebpf", true).contains(&"np_udp_failed"));
         assert!(METRICS.iter().all(|d| metric_def(d.name).is_some()));
     }
 }

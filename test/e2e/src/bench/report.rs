@@ -1,5 +1,6 @@
 //! Results on disk: `results.json` (the rows), `meta.json`, `results.md` (one table per backend, N across)
-//! and PNG plots drawn by gnuplot (`sync.png`, `latency.png`, `throughput.png`).
+//! and PNG plots drawn by gnuplot (`sync.png`, `latency.png`, `update.png`, `throughput.png`, `ratios.png`,
+//! `north_south.png`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -159,7 +160,7 @@ pub fn summary(rows: &[Row], meta: &Meta) -> String {
             let _ = writeln!(
                 s,
                 "  {b:<9} {e:>2} ep N={n:<6} full sync {} s | update p50 {} ms p99 {} ms | conn ClusterIP/direct p50 x{} \
-                 p99 x{} | req/s ratio x{} | bulk ratio x{} | RSS {} MiB",
+                 p99 x{} | req/s ratio x{} | bulk ratio x{} | NodePort req/s x{} UDP pkt/s x{} | RSS {} MiB",
                 f("full_sync"),
                 f("update_p50"),
                 f("update_p99"),
@@ -167,6 +168,8 @@ pub fn summary(rows: &[Row], meta: &Meta) -> String {
                 f("conn_ratio_p99"),
                 f("rps_ratio"),
                 f("bulk_ratio"),
+                f("np_rps_ratio"),
+                f("np_udp_ratio"),
                 f("rss"),
             );
         }
@@ -205,7 +208,7 @@ pub fn plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>> {
     let groups = groups(rows);
     let data = dir.join("plot-data");
     std::fs::create_dir_all(&data)?;
-    let panels: [Panel; 5] = [
+    let panels: [Panel; 6] = [
         (
             "sync.png",
             "Full sync (cold start until the last Service answers)",
@@ -244,6 +247,19 @@ pub fn plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>> {
                 ("conn_ratio_p99", "latency p99"),
                 ("rps_ratio", "req/s"),
                 ("bulk_ratio", "bulk Gbit/s"),
+                ("np_rps_ratio", "NodePort req/s"),
+                ("np_udp_ratio", "NodePort UDP pkt/s"),
+            ],
+        ),
+        (
+            "north_south.png",
+            "North-south from outside: NodePort (remote backends, SNAT) vs pod IPs",
+            "per second",
+            &[
+                ("np_rps", "NodePort TCP req/s"),
+                ("np_rps_direct", "pod IP TCP req/s"),
+                ("np_udp_pps", "NodePort UDP pkt/s"),
+                ("np_udp_direct", "pod IP UDP pkt/s"),
             ],
         ),
     ];

@@ -4,6 +4,13 @@
 //! Bulk Service `bench-<i>` has `endpoints` endpoints on the lab's real pods (all Services share them), so
 //! any of them can be probed. Two extra Services serve single measurements: `bench-upd` (one endpoint,
 //! flipped between pod-1-0 and pod-1-1 for update latency) and `bench-iperf` (pod-1-0:5201, iperf3).
+//!
+//! North-south: `bench-np` (NodePort, TCP, `externalTrafficPolicy: Cluster`) has node-1's pods as endpoints
+//! and is dialled at node-0's NodePort from the lab's external client, so node-0 translates (DNAT + SNAT)
+//! every flow; `bench-np-udp` (UDP) has the one endpoint pod-1-0, so the few long UDP flows land on the same
+//! pod in both series instead of on a random spread. The baseline is the same client reaching those pods' IPs over the same hops:
+//! the external client routes node-1's pod CIDR via node-0 and node-1 routes the client via node-0, so both
+//! series cross node-0 and node-1 in both directions and differ only by the Service translation.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -14,9 +21,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::agent::{LatResult, RpsResult, WaitResult};
+use super::agent::{LatResult, RpsResult, UdpResult, WaitResult};
 use super::{BulkEndpoint, MAX_BULK_SERVICES, Meta, Row, bulk_objects, bulk_vip, cpu_seconds, metric_def, mono_ns};
-use crate::lab::{Ep, Family, Lab, LabConfig, Place};
+use crate::lab::{EXTERNAL_IP4, Ep, Family, Lab, LabConfig, Place};
 
 /// The client pod (on node-0, whose kube-proxy is the one measured).
 const CLIENT: &str = "pod-0-0";
@@ -25,6 +32,13 @@ const UPD_PODS: [&str; 2] = ["pod-1-0", "pod-1-1"];
 /// iperf3 server pod and port.
 const IPERF_POD: &str = "pod-1-0";
 const IPERF_PORT: u16 = 5201;
+/// `bench-np`'s node port (TCP) and `bench-np-udp`'s (UDP).
+const NP_PORT: u16 = 30080;
+const NP_UDP_PORT: u16 = 30081;
+/// `bench-np-udp`'s only endpoint.
+const NP_UDP_POD: &str = "pod-1-0";
+/// One slice of the interleaved north-south series.
+const NS_SLICE: Duration = Duration::from_millis(500);
 /// Objects per `apply_json` call when loading bulk Services.
 const LOAD_CHUNK: usize = 2_500;
 /// Bound of a proxy getting healthy after a cold start.
@@ -195,11 +209,12 @@ fn run_backend(
         }
     };
     meta.bulk = iperf.is_some();
+    let ns = north_south_setup(&mut lab, opts)?;
     let mut loaded = 0usize;
     let mut cell_rows = Vec::new();
     for &n in &opts.scales {
         check(opts)?;
-        let mut c = Cell { opts, progress, backend, n, endpoints, bulk_eps: &bulk_eps, rows: &mut cell_rows };
+        let mut c = Cell { opts, progress, backend, n, endpoints, bulk_eps: &bulk_eps, ns: &ns, rows: &mut cell_rows };
         let t = Instant::now();
         match c.run(&mut lab, &mut loaded, &mut upd_pod, iperf.as_deref()) {
             Ok(()) => {
@@ -237,7 +252,76 @@ struct Cell<'a> {
     n: usize,
     endpoints: usize,
     bulk_eps: &'a [BulkEndpoint],
+    ns: &'a NorthSouth,
     rows: &'a mut Vec<Row>,
+}
+
+/// The north-south targets: node-0's NodePorts and the endpoints' pod IPs (all on node-1).
+struct NorthSouth {
+    /// `bench-np` (TCP).
+    node_port: SocketAddr,
+    /// Its endpoints.
+    direct: Vec<SocketAddr>,
+    /// `bench-np-udp` (UDP).
+    udp_node_port: SocketAddr,
+    /// Its endpoint.
+    udp_direct: SocketAddr,
+}
+
+/// Creates `bench-np` and the routes and sysctls of the north-south measurements (lab namespaces only).
+fn north_south_setup(lab: &mut Lab, opts: &Options) -> Result<NorthSouth> {
+    let (n0, n1) = (lab.node(0)?.clone(), lab.node(1)?.clone());
+    let pods: Vec<(String, SocketAddr)> = lab
+        .pods()
+        .iter()
+        .filter(|p| p.node == 1)
+        .map(|p| (p.name.clone(), SocketAddr::new(IpAddr::V4(p.ip4), 8080)))
+        .collect();
+    lab.apply_service(
+        "bench-np",
+        Family::V4,
+        json!({"spec": {"type": "NodePort", "ports": [
+            {"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": NP_PORT}]}}),
+    )?;
+    lab.set_endpoints("bench-np", &pods.iter().map(|(p, _)| Ep::ready(p)).collect::<Vec<_>>())?;
+    lab.apply_service(
+        "bench-np-udp",
+        Family::V4,
+        json!({"spec": {"type": "NodePort", "ports": [
+            {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": 8080, "nodePort": NP_UDP_PORT}]}}),
+    )?;
+    lab.set_endpoints("bench-np-udp", &[Ep::ready(NP_UDP_POD)])?;
+    // The direct series' route, symmetric through node-0 like the NodePort's (whose replies return to node-0's
+    // SNAT address): client → node-0 → node-1 → pod and back the same way.
+    lab.route_external_via(&n1.pod_cidr4, 0)?;
+    let client = format!("{EXTERNAL_IP4}/32");
+    run_ok(lab, Place::Node(1), "ip", &["route", "replace", &client, "via", &n0.ip4.to_string()])?;
+    // node-0 forwards out of the device it received on: without this it would send ICMP redirects and the
+    // endpoints would learn the one-hop path, so the two series would no longer share a route.
+    run_ok(
+        lab,
+        Place::Node(0),
+        "sysctl",
+        &["-qw", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0"],
+    )?;
+    // As for the client pod: many short connections to one NodePort.
+    let reuse = if opts.tw_reuse { "net.ipv4.tcp_tw_reuse=1" } else { "net.ipv4.tcp_tw_reuse=0" };
+    run_ok(lab, Place::External, "sysctl", &["-qw", reuse, "net.ipv4.ip_local_port_range=10000 65000"])?;
+    Ok(NorthSouth {
+        node_port: SocketAddr::new(IpAddr::V4(n0.ip4), NP_PORT),
+        direct: pods.into_iter().map(|(_, a)| a).collect(),
+        udp_node_port: SocketAddr::new(IpAddr::V4(n0.ip4), NP_UDP_PORT),
+        udp_direct: SocketAddr::new(IpAddr::V4(lab.pod(NP_UDP_POD)?.ip4), 8080),
+    })
+}
+
+/// Runs `program args` at `place` (30 s bound) and fails with its stderr when it exits non-zero.
+fn run_ok(lab: &Lab, place: Place, program: &str, args: &[&str]) -> Result<()> {
+    let out = lab.exec_in(place.clone(), program, args, Duration::from_secs(30))?;
+    if !out.status.success() {
+        bail!("{program} {args:?} at {place:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 impl Cell<'_> {
@@ -288,6 +372,7 @@ impl Cell<'_> {
         self.settle(pid)?;
         self.latency(lab)?;
         self.throughput(lab)?;
+        self.north_south(lab)?;
         if let Some(bin) = iperf {
             self.bulk(lab, bin)?;
         }
@@ -559,6 +644,96 @@ impl Cell<'_> {
         Ok(())
     }
 
+    /// From the external client: short TCP connections and UDP request/replies through node-0's NodePort
+    /// against the same clients to the pod IPs. Each repetition interleaves the two series in slices of
+    /// [`NS_SLICE`] (order alternating), so load that drifts over seconds (2 cores, the proxy, other work on
+    /// the machine) falls on both alike.
+    fn north_south(&mut self, lab: &mut Lab) -> Result<()> {
+        let targets = [
+            [vec![self.ns.node_port], self.ns.direct.clone()],
+            [vec![self.ns.udp_node_port], vec![self.ns.udp_direct]],
+        ];
+        let np = &targets[0][0];
+        let w: WaitResult =
+            agent_at(lab, Place::External, self.opts, &wait_args(np[0], None, UPDATE_TIMEOUT), UPDATE_TIMEOUT)?;
+        if !w.ok {
+            bail!("NodePort {} not answered from outside: {:?}", np[0], w.error);
+        }
+        let slices = (self.opts.rps_duration.as_millis() / NS_SLICE.as_millis()).max(1) as usize;
+        let ms = NS_SLICE.as_millis().to_string();
+        let clients = self.opts.rps_clients.to_string();
+        let join = |v: &[SocketAddr]| v.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
+        let bound = NS_SLICE + Duration::from_secs(30);
+        // One slice: (answered, failed, seconds).
+        let run = |kind: &str, t: &[SocketAddr]| -> Result<(u64, u64, f64)> {
+            let args =
+                ["agent", kind, "--targets", &join(t), "--clients", &clients, "--duration-ms", &ms].map(String::from);
+            if kind == "udp" {
+                let r: UdpResult = agent_at(lab, Place::External, self.opts, &args, bound)?;
+                if let Some(e) = r.error {
+                    bail!("north-south UDP to {}: {e}", join(t));
+                }
+                Ok((r.ok, r.lost, r.seconds))
+            } else {
+                let r: RpsResult = agent_at(lab, Place::External, self.opts, &args, bound)?;
+                Ok((r.ok, r.failed, r.seconds))
+            }
+        };
+        // [NodePort req/s, direct req/s, ratio, NodePort pkt/s, direct pkt/s, ratio]
+        let mut v: [Vec<f64>; 6] = Default::default();
+        // (failed, attempted) through the NodePort: TCP, UDP.
+        let mut failed = [(0u64, 0u64); 2];
+        for rep in 0..self.opts.reps {
+            check(self.opts)?;
+            // [kind][series]: (answered, failed, seconds) summed over the slices.
+            let mut sum = [[(0u64, 0u64, 0f64); 2]; 2];
+            for (k, kind) in ["rps", "udp"].iter().enumerate() {
+                for slice in 0..slices {
+                    let order = if (rep + slice) % 2 == 0 { [0, 1] } else { [1, 0] };
+                    for series in order {
+                        let (ok, bad, secs) = run(kind, &targets[k][series])?;
+                        let acc = &mut sum[k][series];
+                        *acc = (acc.0 + ok, acc.1 + bad, acc.2 + secs);
+                    }
+                }
+                for (series, (ok, bad, _)) in sum[k].iter().enumerate() {
+                    if *ok == 0 {
+                        let to = if series == 0 { "the NodePort" } else { "the pod IPs" };
+                        bail!("north-south {kind} to {to}: nothing answered ({bad} failed)");
+                    }
+                }
+                failed[k] = (failed[k].0 + sum[k][0].1, failed[k].1 + sum[k][0].0 + sum[k][0].1);
+            }
+            let rate = |(ok, _, secs): (u64, u64, f64)| ok as f64 / secs.max(1e-3);
+            let (x, y) = (rate(sum[0][0]), rate(sum[0][1]));
+            // Two packets through node-0 per UDP exchange: the request and the reply.
+            let (p, q) = (2.0 * rate(sum[1][0]), 2.0 * rate(sum[1][1]));
+            for (series, val) in v.iter_mut().zip([x, y, x / y.max(1e-9), p, q, p / q.max(1e-9)]) {
+                series.push(val);
+            }
+            let (f, lost) = (sum[0][0].1, sum[1][0].1);
+            self.step(format!(
+                "north-south {}/{}: NodePort {x:.0} req/s | direct {y:.0} req/s | ratio {:.2} || UDP NodePort {p:.0} \
+                 pkt/s | direct {q:.0} pkt/s | ratio {:.2}{}",
+                rep + 1,
+                self.opts.reps,
+                x / y.max(1e-9),
+                p / q.max(1e-9),
+                if f + lost > 0 { format!(" | NodePort failed: {f} TCP, {lost} UDP") } else { String::new() }
+            ));
+        }
+        let names = ["np_rps", "np_rps_direct", "np_rps_ratio", "np_udp_pps", "np_udp_direct", "np_udp_ratio"];
+        for (name, series) in names.iter().zip(&v) {
+            self.push(name, series);
+        }
+        for (name, (f, n)) in ["np_rps_failed", "np_udp_failed"].into_iter().zip(failed) {
+            if f > 0 {
+                self.push(name, &[100.0 * f as f64 / n.max(1) as f64]);
+            }
+        }
+        Ok(())
+    }
+
     /// One iperf3 stream from the client pod to pod-1-0, via `bench-iperf`'s ClusterIP and directly.
     fn bulk(&mut self, lab: &mut Lab, bin: &Path) -> Result<()> {
         let vip = lab.service_addr("bench-iperf", "iperf")?;
@@ -715,9 +890,21 @@ fn tail(text: &str, n: usize) -> String {
 
 /// Runs `bench agent ...` in the client pod and parses its JSON line.
 fn agent<T: DeserializeOwned>(lab: &Lab, opts: &Options, args: &[String], timeout: Duration) -> Result<T> {
+    agent_at(lab, Place::Pod(CLIENT.into()), opts, args, timeout)
+}
+
+/// [`agent`] at `place`.
+fn agent_at<T: DeserializeOwned>(
+    lab: &Lab,
+    place: Place,
+    opts: &Options,
+    args: &[String],
+    timeout: Duration,
+) -> Result<T> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = lab.exec_in(CLIENT, &opts.self_exe.to_string_lossy(), &refs, timeout)?;
-    parse(&out, &format!("agent {}", args.get(1).map(String::as_str).unwrap_or("?")))
+    let what = format!("agent {} at {place:?}", args.get(1).map(String::as_str).unwrap_or("?"));
+    let out = lab.exec_in(place, &opts.self_exe.to_string_lossy(), &refs, timeout)?;
+    parse(&out, &what)
 }
 
 fn parse<T: DeserializeOwned>(out: &std::process::Output, what: &str) -> Result<T> {

@@ -105,6 +105,14 @@ impl Lab {
     pub fn set_endpoints(&self, name: &str, eps: &[Ep]) -> Result<()> {
         let svc = self.services.services.get(name).ok_or_else(|| anyhow!("set_endpoints: no lab Service {name}"))?;
         let family = cluster_ip(svc).map(family_of).ok_or_else(|| anyhow!("Service {name} without a ClusterIP"))?;
+        self.set_endpoints_family(name, family, eps)
+    }
+
+    /// [`Lab::set_endpoints`] for one family of a dual-stack Service: the slice of the primary (ClusterIP)
+    /// family is `<name>-lab`, the other one `<name>-lab-v4` or `<name>-lab-v6`.
+    pub fn set_endpoints_family(&self, name: &str, family: Family, eps: &[Ep]) -> Result<()> {
+        let svc = self.services.services.get(name).ok_or_else(|| anyhow!("set_endpoints: no lab Service {name}"))?;
+        let primary = cluster_ip(svc).map(family_of).ok_or_else(|| anyhow!("Service {name} without a ClusterIP"))?;
         if family == Family::V6 && !self.cfg.ipv6 {
             bail!("Service {name} is IPv6 but the lab was built without IPv6");
         }
@@ -135,7 +143,7 @@ impl Lab {
         }
         let slice = json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"namespace": NAMESPACE, "name": slice_name(name),
+            "metadata": {"namespace": NAMESPACE, "name": slice_name_of(name, family, primary),
                          "labels": {"kubernetes.io/service-name": name,
                                     "endpointslice.kubernetes.io/managed-by": "kp-lab"}},
             "addressType": match family { Family::V4 => "IPv4", Family::V6 => "IPv6" },
@@ -151,6 +159,9 @@ impl Lab {
         self.services.services.remove(name);
         // The slice may not exist (no set_endpoints yet): a failure there is not an error.
         let _ = self.api().delete::<EndpointSlice>(NAMESPACE, &slice_name(name));
+        for (f, p) in [(Family::V4, Family::V6), (Family::V6, Family::V4)] {
+            let _ = self.api().delete::<EndpointSlice>(NAMESPACE, &slice_name_of(name, f, p));
+        }
         self.api().delete::<Service>(NAMESPACE, name).with_context(|| format!("deleting Service {name}"))?;
         Ok(())
     }
@@ -253,6 +264,15 @@ impl Lab {
 
 fn slice_name(svc: &str) -> String {
     format!("{svc}-lab")
+}
+
+/// The slice of `family` for a Service whose ClusterIP family is `primary`.
+fn slice_name_of(svc: &str, family: Family, primary: Family) -> String {
+    match (family == primary, family) {
+        (true, _) => slice_name(svc),
+        (false, Family::V4) => format!("{svc}-lab-v4"),
+        (false, Family::V6) => format!("{svc}-lab-v6"),
+    }
 }
 
 fn cluster_ip(v: &Value) -> Option<IpAddr> {
