@@ -457,7 +457,12 @@ mod tests {
         ServicePortState {
             info: Arc::new(info),
             endpoints: Arc::new(eps.clone()),
-            selected: SelectedEndpoints { has_any: !eps.is_empty(), cluster: eps.clone(), local, all_reachable: eps },
+            selected: SelectedEndpoints {
+                has_any: !eps.is_empty(),
+                cluster: eps.clone().into(),
+                local: local.into(),
+                all_reachable: eps.into(),
+            },
         }
     }
 

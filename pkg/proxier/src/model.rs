@@ -257,15 +257,54 @@ impl Endpoint {
     }
 }
 
+/// An immutable, shared list of endpoints: selection results usually equal the port's whole list or each
+/// other, and sharing them keeps one copy per port instead of three (a million endpoints at 100k services).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointList(Arc<Vec<Endpoint>>);
+
+impl EndpointList {
+    /// Shares `list`.
+    pub fn shared(list: &Arc<Vec<Endpoint>>) -> Self {
+        EndpointList(list.clone())
+    }
+}
+
+impl std::ops::Deref for EndpointList {
+    type Target = [Endpoint];
+    fn deref(&self) -> &[Endpoint] {
+        &self.0
+    }
+}
+
+impl From<Vec<Endpoint>> for EndpointList {
+    fn from(v: Vec<Endpoint>) -> Self {
+        EndpointList(Arc::new(v))
+    }
+}
+
+impl FromIterator<Endpoint> for EndpointList {
+    fn from_iter<I: IntoIterator<Item = Endpoint>>(iter: I) -> Self {
+        EndpointList(Arc::new(iter.into_iter().collect()))
+    }
+}
+
+impl<'a> IntoIterator for &'a EndpointList {
+    type Item = &'a Endpoint;
+    type IntoIter = std::slice::Iter<'a, Endpoint>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The result of endpoint selection for one Service port (upstream's `CategorizeEndpoints`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SelectedEndpoints {
     /// Endpoints for traffic with the Cluster policy.
-    pub cluster: Vec<Endpoint>,
+    pub cluster: EndpointList,
     /// Endpoints for traffic with the Local policy.
-    pub local: Vec<Endpoint>,
+    pub local: EndpointList,
     /// Union of the two, sorted by address.
-    pub all_reachable: Vec<Endpoint>,
+    pub all_reachable: EndpointList,
     /// Some usable endpoint exists anywhere; false means traffic is rejected.
     pub has_any: bool,
 }

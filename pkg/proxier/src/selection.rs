@@ -3,8 +3,9 @@
 //! This reproduces upstream's `CategorizeEndpoints` exactly and is the only place the rules live.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::model::{Endpoint, SelectedEndpoints, ServicePortInfo};
+use crate::model::{Endpoint, EndpointList, SelectedEndpoints, ServicePortInfo};
 
 /// The facts about this node that selection depends on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,9 +61,27 @@ fn serving_terminating(ep: &Endpoint) -> bool {
     ep.serving && ep.terminating
 }
 
+/// The endpoints of `all` that pass `keep`: `all` itself (shared) when every one does.
+fn filtered(all: &Arc<Vec<Endpoint>>, keep: impl Fn(&Endpoint) -> bool) -> EndpointList {
+    if all.iter().all(&keep) {
+        EndpointList::shared(all)
+    } else {
+        all.iter().filter(|e| keep(e)).cloned().collect()
+    }
+}
+
 /// Splits `endpoints` (sorted by address) into the cluster-policy and local-policy sets for `info` on
 /// this node, with upstream's fallback to serving-and-terminating endpoints when no ready one is usable.
 pub fn categorize_endpoints(endpoints: &[Endpoint], info: &ServicePortInfo, node: &NodeTopology) -> SelectedEndpoints {
+    categorize_shared(&Arc::new(endpoints.to_vec()), info, node)
+}
+
+/// [`categorize_endpoints`] on a shared list: results equal to the list (or to each other) share it.
+pub fn categorize_shared(
+    endpoints: &Arc<Vec<Endpoint>>,
+    info: &ServicePortInfo,
+    node: &NodeTopology,
+) -> SelectedEndpoints {
     let mut out = SelectedEndpoints::default();
     if endpoints.is_empty() {
         return out;
@@ -71,10 +90,10 @@ pub fn categorize_endpoints(endpoints: &[Endpoint], info: &ServicePortInfo, node
     let mut topology = Topology::Any;
     if info.uses_cluster_endpoints() {
         topology = topology_from_hints(endpoints, node);
-        out.cluster = endpoints.iter().filter(|e| e.ready && fits_topology(e, topology, node)).cloned().collect();
+        out.cluster = filtered(endpoints, |e| e.ready && fits_topology(e, topology, node));
         // No ready endpoint anywhere: keep serving through terminating ones, ignoring topology.
         if out.cluster.is_empty() {
-            out.cluster = endpoints.iter().filter(|e| serving_terminating(e)).cloned().collect();
+            out.cluster = filtered(endpoints, serving_terminating);
         }
         out.has_any = !out.cluster.is_empty();
     }
@@ -86,7 +105,7 @@ pub fn categorize_endpoints(endpoints: &[Endpoint], info: &ServicePortInfo, node
 
     let mut local_ready = false;
     let mut local_terminating = false;
-    for ep in endpoints {
+    for ep in endpoints.iter() {
         if ep.ready {
             out.has_any = true;
             local_ready |= ep.is_local;
@@ -97,9 +116,9 @@ pub fn categorize_endpoints(endpoints: &[Endpoint], info: &ServicePortInfo, node
     }
     let used_terminating = !local_ready && local_terminating;
     if local_ready {
-        out.local = endpoints.iter().filter(|e| e.is_local && e.ready).cloned().collect();
+        out.local = filtered(endpoints, |e| e.is_local && e.ready);
     } else if local_terminating {
-        out.local = endpoints.iter().filter(|e| e.is_local && serving_terminating(e)).cloned().collect();
+        out.local = filtered(endpoints, |e| e.is_local && serving_terminating(e));
     }
 
     if !info.uses_cluster_endpoints() {

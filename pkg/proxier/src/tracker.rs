@@ -17,7 +17,7 @@ use crate::model::{
     ServicePortName, ServicePortState, Snapshot,
 };
 use crate::parse::{ParseError, ParsedService, ParsedSlice, parse_endpoint_slice, parse_service};
-use crate::selection::{NodeTopology, categorize_endpoints};
+use crate::selection::{NodeTopology, categorize_shared};
 
 /// Zone label on Nodes.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
@@ -537,7 +537,7 @@ pub fn apply_checkout(snapshot: &mut Snapshot, checkout: Checkout, topology: &No
         for (spn, value) in &checkout.updates[i] {
             match value {
                 Some((info, eps)) => {
-                    let selected = categorize_endpoints(eps, info, topology);
+                    let selected = categorize_shared(eps, info, topology);
                     let state = ServicePortState { info: info.clone(), endpoints: eps.clone(), selected };
                     // A full recompute reports only ports whose programmed state really differs.
                     if fam.services.get(spn) != Some(&state) || full {
