@@ -106,6 +106,9 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
                 }
                 Err(e) => tracing::debug!(error = %format!("{e:#}"), "No cgroup2 root; skipping eBPF leftover cleanup"),
             }
+            if let Err(e) = proxy_ebpf::EbpfBackend::cleanup_tc_filters(Path::new("/proc/self/ns/net")) {
+                tracing::warn!(error = %e, "Removing eBPF tc filters failed; continuing");
+            }
             let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
             if let Err(e) = proxy_iptables::cleanup_for_mode(&ipt, proxy_iptables::ProxyMode::Iptables) {
                 tracing::warn!(error = %e, "Cleaning up other proxy modes' rules failed; continuing");
@@ -135,6 +138,7 @@ pub fn build(run: &ProxyRunConfig, metrics: &Arc<Metrics>) -> Result<BuiltBacken
             o.masquerade_bit = u32::try_from(run.masquerade_bit()).unwrap_or(14);
             o.local_detector = ipt_opts.local_detector;
             o.node_port_addresses = ipt_opts.node_port_addresses;
+            o.metrics = Some(metrics.clone());
             // Fails first, naming the missing kernel module, before anything on the node is touched.
             let backend = proxy_ipvs::IpvsBackend::new(o).map_err(|e| BackendInitError::Setup(e.into()))?;
             let ipt = proxy_iptables::Iptables::new(IpFamily::V4);
@@ -205,6 +209,10 @@ pub fn cleanup(run: &ProxyRunConfig) -> anyhow::Result<()> {
             Err(e) => failed.push(format!("ebpf: {e}")),
         },
         Err(e) => failed.push(format!("ebpf: {e:#}")),
+    }
+    // clsact filters (kernels without tcx) have no pin: only ours go, from this namespace's devices.
+    if let Err(e) = proxy_ebpf::EbpfBackend::cleanup_tc_filters(Path::new("/proc/self/ns/net")) {
+        failed.push(format!("ebpf tc filters: {e}"));
     }
     if failed.is_empty() { Ok(()) } else { anyhow::bail!("cleanup failed: {}", failed.join("; ")) }
 }

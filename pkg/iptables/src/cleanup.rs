@@ -121,7 +121,12 @@ pub const IPVS_IPSETS: &[&str] = &[
 
 /// Every ipset name ipvs mode may have created, IPv4 then IPv6.
 pub fn ipvs_ipset_names() -> impl Iterator<Item = String> {
-    let v6 = IPVS_IPSETS.iter().map(|n| format!("KUBE-6-{}", n.trim_start_matches("KUBE-")));
+    // Upstream's IPv6 names are cut to ipset's 31-character limit (`KUBE-6-LOAD-BALANCER-SOURCE-CID`).
+    let v6 = IPVS_IPSETS.iter().map(|n| {
+        let mut v6 = format!("KUBE-6-{}", n.trim_start_matches("KUBE-"));
+        v6.truncate(31);
+        v6
+    });
     IPVS_IPSETS.iter().map(|n| n.to_string()).chain(v6)
 }
 
@@ -683,7 +688,8 @@ COMMIT
         let names: Vec<String> = ipvs_ipset_names().collect();
         assert!(names.contains(&"KUBE-CLUSTER-IP".to_string()));
         assert!(names.contains(&"KUBE-6-CLUSTER-IP".to_string()));
-        assert!(names.contains(&"KUBE-6-NODE-PORT-LOCAL-SCTP-HASH".to_string()));
+        assert!(names.contains(&"KUBE-6-NODE-PORT-LOCAL-SCTP-HAS".to_string()));
+        assert!(names.contains(&"KUBE-6-LOAD-BALANCER-SOURCE-CID".to_string()));
         assert_eq!(names.len(), 2 * IPVS_IPSETS.len());
     }
 

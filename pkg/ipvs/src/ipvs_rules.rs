@@ -9,7 +9,7 @@ use proxier::model::{Endpoint, IpFamily, Protocol, ServicePortName, ServicePortS
 use proxy_iptables::LocalDetector;
 use proxy_iptables::rules::JumpChain;
 
-use crate::netlink::SVC_F_PERSISTENT;
+use crate::netlink::{SVC_F_PERSISTENT, SVC_F_SCHED2};
 
 /// Upstream's default scheduler (`--ipvs-scheduler=""`).
 pub const DEFAULT_SCHEDULER: &str = "rr";
@@ -78,10 +78,13 @@ impl SetType {
     }
 }
 
+/// Longest ipset name the kernel accepts (`IPSET_MAXNAMELEN` 32, including the NUL).
+pub const IPSET_MAX_NAME_LEN: usize = 31;
+
 /// One of upstream's ipsets: IPv4 name, type and the comment its iptables rule carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpSetDef {
-    /// IPv4 name (`KUBE-CLUSTER-IP`); IPv6 is `KUBE-6-` + the part after `KUBE-`.
+    /// IPv4 name (`KUBE-CLUSTER-IP`); see [`IpSetDef::family_name`] for IPv6.
     pub name: &'static str,
     /// Set type.
     pub set_type: SetType,
@@ -90,11 +93,17 @@ pub struct IpSetDef {
 }
 
 impl IpSetDef {
-    /// The set's name in `family`.
+    /// The set's name in `family`, as upstream's `NewIPSet` names it: IPv4 keeps the name; IPv6 replaces the
+    /// leading `KUBE-` with `KUBE-6-` and truncates to [`IPSET_MAX_NAME_LEN`] (so `KUBE-LOAD-BALANCER-SOURCE-CIDR`
+    /// becomes `KUBE-6-LOAD-BALANCER-SOURCE-CID`).
     pub fn family_name(&self, family: IpFamily) -> String {
-        match family {
-            IpFamily::V4 => self.name.to_string(),
-            IpFamily::V6 => format!("KUBE-6-{}", self.name.trim_start_matches("KUBE-")),
+        match (family, self.name.strip_prefix("KUBE-")) {
+            (IpFamily::V6, Some(rest)) => {
+                let mut n = format!("KUBE-6-{rest}");
+                n.truncate(IPSET_MAX_NAME_LEN);
+                n
+            }
+            _ => self.name.to_string(),
         }
     }
 }
@@ -224,10 +233,14 @@ pub fn compute(cfg: &Config, services: &BTreeMap<ServicePortName, ServicePortSta
     for (name, st) in services {
         let info = &st.info;
         let proto = info.protocol;
-        let (flags, timeout) = match info.session_affinity_timeout {
+        let (mut flags, timeout) = match info.session_affinity_timeout {
             Some(t) => (SVC_F_PERSISTENT, if t == 0 { DEFAULT_AFFINITY_TIMEOUT } else { t }),
             None => (0, 0),
         };
+        // Upstream sets FlagSourceHash (0x10) for `mh`, so it hashes on source address and port.
+        if cfg.scheduler == "mh" {
+            flags |= SVC_F_SCHED2;
+        }
         let vs = |rs: BTreeSet<(IpAddr, u16)>| VirtualServer {
             scheduler: cfg.scheduler.clone(),
             flags,
@@ -277,7 +290,10 @@ pub fn compute(cfg: &Config, services: &BTreeMap<ServicePortName, ServicePortSta
                 }
             }
             d.servers.insert(VsKey { addr: lb, protocol: proto, port: info.port }, vs(external.clone()));
-            d.bound_addrs.insert(lb);
+            // As for ExternalIPs, upstream does not bind an address the node already has.
+            if !cfg.local_addresses.contains(&lb) {
+                d.bound_addrs.insert(lb);
+            }
         }
 
         if info.node_port != 0 {

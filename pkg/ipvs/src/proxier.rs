@@ -4,15 +4,19 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use proxier::backend::{Backend, BackendError, SyncReport};
+use proxier::metrics::Metrics;
 use proxier::model::{Changes, IpFamily, Snapshot};
+use proxy_iptables::conntrack::{self, ConntrackTable, NetlinkConntrack};
 use proxy_iptables::sysctl::{self, ProcSysctl, Sysctl};
 use proxy_iptables::{Exec, Iptables, LocalDetectorConfig, NodePortAddresses, RestoreFlags};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::graceful::{self, DRAIN_CHECK_INTERVAL, DrainTicker, IpvsState};
 use crate::ipvs_rules::{self, Config, DEFAULT_SCHEDULER, KUBE_IPVS0, SCHEDULERS};
 use crate::kernel::{IpvsKernel, sync_ipvs};
 use crate::netlink::{self, IpvsClient};
@@ -25,7 +29,7 @@ pub struct IpvsOptions {
     pub families: Vec<IpFamily>,
     /// `ipvs.scheduler` (`""` → `rr`).
     pub scheduler: String,
-    /// `ipvs.excludeCIDRs`: virtual servers inside these are never deleted.
+    /// `ipvs.excludeCIDRs`: virtual servers inside these are never deleted by a sync.
     pub exclude_cidrs: Vec<IpNet>,
     /// `ipvs.strictARP`.
     pub strict_arp: bool,
@@ -45,6 +49,13 @@ pub struct IpvsOptions {
     pub sysctl: Option<Arc<dyn Sysctl>>,
     /// IPVS table access (default: the generic netlink client; tests pass a fake).
     pub kernel: Option<Box<dyn IpvsKernel>>,
+    /// Metrics to record iptables restore failures and conntrack reconciliation into (the runner's observer
+    /// records the metrics every mode shares).
+    pub metrics: Option<Arc<Metrics>>,
+    /// Conntrack table for stale UDP flow cleanup (default: ctnetlink in this network namespace).
+    pub conntrack: Option<Box<dyn ConntrackTable>>,
+    /// How often draining real servers are re-checked between syncs (upstream: 1 minute).
+    pub graceful_check_interval: Duration,
 }
 
 impl IpvsOptions {
@@ -63,6 +74,9 @@ impl IpvsOptions {
             exec: Exec::new(),
             sysctl: None,
             kernel: None,
+            metrics: None,
+            conntrack: None,
+            graceful_check_interval: DRAIN_CHECK_INTERVAL,
         }
     }
 }
@@ -91,6 +105,9 @@ pub enum InitError {
     /// A required sysctl could not be set.
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    /// The graceful-termination thread could not be started.
+    #[error("starting the ipvs-graceful-termination thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 impl From<InitError> for BackendError {
@@ -102,7 +119,11 @@ impl From<InitError> for BackendError {
 /// kube-proxy's IPVS mode.
 pub struct IpvsBackend {
     families: Vec<IpFamily>,
-    kernel: Box<dyn IpvsKernel>,
+    /// Kernel handle and drain list, shared with `_drain_ticker`.
+    state: Arc<Mutex<IpvsState>>,
+    _drain_ticker: DrainTicker,
+    metrics: Option<Arc<Metrics>>,
+    conntrack: Box<dyn ConntrackTable>,
     scheduler: String,
     exclude_cidrs: Vec<IpNet>,
     masquerade_all: bool,
@@ -140,13 +161,23 @@ impl IpvsBackend {
             }
         };
         let sysctl: Arc<dyn Sysctl> = opts.sysctl.unwrap_or_else(|| Arc::new(ProcSysctl::default()));
-        for (name, value) in required_sysctls(opts.strict_arp, &opts.families) {
+        let kernel_version = sysctl.get(OSRELEASE).ok().and_then(|r| parse_kernel_version(&r));
+        if kernel_version.is_none() {
+            warn!(sysctl = OSRELEASE, "Cannot read the kernel version; leaving net/ipv4/vs/conn_reuse_mode as-is");
+        }
+        for (name, value) in required_sysctls(opts.strict_arp, &opts.families, kernel_version) {
             sysctl::ensure(sysctl.as_ref(), name, value)?;
         }
+        let state = Arc::new(Mutex::new(IpvsState::new(kernel)));
+        let drain_ticker =
+            DrainTicker::spawn(state.clone(), opts.graceful_check_interval).map_err(InitError::Thread)?;
         info!(scheduler, families = ?opts.families, "Using ipvs Proxier");
         Ok(IpvsBackend {
             families: opts.families,
-            kernel,
+            state,
+            _drain_ticker: drain_ticker,
+            metrics: opts.metrics,
+            conntrack: opts.conntrack.unwrap_or_else(|| Box::new(NetlinkConntrack::new())),
             scheduler,
             exclude_cidrs: opts.exclude_cidrs,
             masquerade_all: opts.masquerade_all,
@@ -197,16 +228,25 @@ impl IpvsBackend {
             .unwrap_or_default()
     }
 
-    fn sync_family(&mut self, family: IpFamily, snapshot: &Snapshot) -> Result<usize, String> {
+    fn sync_family(&mut self, family: IpFamily, snapshot: &Snapshot, changes: &Changes) -> Result<usize, String> {
         let bound_now: BTreeSet<IpAddr> =
             self.addresses(Some(KUBE_IPVS0)).into_iter().filter(|a| IpFamily::of(a) == family).collect();
         let locals: BTreeSet<IpAddr> = self.addresses(None).into_iter().filter(|a| IpFamily::of(a) == family).collect();
         let node_port_ips: Vec<IpAddr> = if self.node_port_addresses.match_all(family) {
-            // Upstream: every local address except loopback and those on kube-ipvs0.
-            locals.iter().filter(|a| !a.is_loopback() && !bound_now.contains(a)).copied().collect()
+            // Upstream: every local address except loopback, IPv6 link-local and those on kube-ipvs0.
+            locals
+                .iter()
+                .filter(|a| !a.is_loopback() && !is_v6_link_local(a) && !bound_now.contains(a))
+                .copied()
+                .collect()
         } else {
             let l: Vec<IpAddr> = locals.iter().copied().collect();
-            self.node_port_addresses.node_ips(family, &l, &snapshot.node)
+            // Upstream never serves NodePorts on loopback in IPVS mode.
+            self.node_port_addresses
+                .node_ips(family, &l, &snapshot.node)
+                .into_iter()
+                .filter(|a| !a.is_loopback())
+                .collect()
         };
         let cfg = Config {
             family,
@@ -244,11 +284,11 @@ impl IpvsBackend {
         self.run("ipset", &["restore"], Some(&restore))?;
 
         // Virtual and real servers, against what the kernel lists.
-        let owned_ips: BTreeSet<IpAddr> =
-            bound_now.iter().chain(&desired.bound_addrs).chain(&node_port_ips).copied().collect();
-        let report = sync_ipvs(self.kernel.as_mut(), family, &desired.servers, &self.exclude_cidrs, &|ip| {
-            owned_ips.contains(ip)
-        });
+        let report = {
+            let mut st = graceful::lock(&self.state);
+            let st = &mut *st;
+            sync_ipvs(st.kernel.as_mut(), &mut st.draining, family, &desired.servers, &self.exclude_cidrs)
+        };
         for e in &report.errors {
             warn!(family = %family, error = %e, "IPVS sync");
         }
@@ -266,18 +306,52 @@ impl IpvsBackend {
             .copied()
             .collect();
         let text = ipvs_rules::iptables_restore(&cfg, &desired, &missing);
-        ipt.restore(&text, RestoreFlags::NOFLUSH_COUNTERS).map_err(|e| e.to_string())?;
+        if let Err(e) = ipt.restore(&text, RestoreFlags::NOFLUSH_COUNTERS) {
+            error!(family = %family, error = %e, "Failed to execute iptables-restore");
+            if let Some(m) = &self.metrics {
+                m.inc_iptables_restore_failure(family);
+            }
+            return Err(e.to_string());
+        }
+
+        // Upstream: stale UDP flows are cleared after a successful sync that needs it.
+        if changes.family(family).conntrack_cleanup_required
+            && let Err(e) = conntrack::reconcile(self.conntrack.as_mut(), family, &fs.services, self.metrics.as_deref())
+        {
+            error!(family = %family, error = %e, "Failed to clear stale conntrack entries");
+        }
         Ok(fs.services.len())
     }
 }
 
-/// Sysctls upstream sets at start (reference §5.1).
-pub fn required_sysctls(strict_arp: bool, families: &[IpFamily]) -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![
-        ("net/ipv4/vs/conntrack", "1"),
-        ("net/ipv4/vs/expire_nodest_conn", "1"),
-        ("net/ipv4/vs/expire_quiescent_template", "1"),
-    ];
+/// `fe80::/10`.
+fn is_v6_link_local(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// The kernel release, read through the sysctl interface (`/proc/sys/kernel/osrelease`).
+const OSRELEASE: &str = "kernel/osrelease";
+
+/// `major.minor` of a kernel release such as `5.4.0-150-generic`.
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Sysctls upstream sets at start (reference §5.1). `conn_reuse_mode=0` only on kernels from 4.1 (where it
+/// exists) up to 5.8: 5.9 fixed the connection-reuse delay it works around (kubernetes#93297), so it is left
+/// alone there, as upstream does; also when the version is unknown.
+pub fn required_sysctls(
+    strict_arp: bool,
+    families: &[IpFamily],
+    kernel_version: Option<(u32, u32)>,
+) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("net/ipv4/vs/conntrack", "1")];
+    if kernel_version.is_some_and(|k| ((4, 1)..(5, 9)).contains(&k)) {
+        v.push(("net/ipv4/vs/conn_reuse_mode", "0"));
+    }
+    v.push(("net/ipv4/vs/expire_nodest_conn", "1"));
+    v.push(("net/ipv4/vs/expire_quiescent_template", "1"));
     if families.contains(&IpFamily::V4) {
         v.push(("net/ipv4/ip_forward", "1"));
     }
@@ -300,12 +374,12 @@ impl Backend for IpvsBackend {
         &self.families
     }
 
-    fn sync(&mut self, snapshot: &Snapshot, _changes: &Changes) -> Result<SyncReport, BackendError> {
+    fn sync(&mut self, snapshot: &Snapshot, changes: &Changes) -> Result<SyncReport, BackendError> {
         // IPVS mode has no partial syncs: every sync is a full diff against the kernel.
         let mut report = SyncReport { full: true, ..Default::default() };
         let mut errors = Vec::new();
         for family in self.families.clone() {
-            match self.sync_family(family, snapshot) {
+            match self.sync_family(family, snapshot, changes) {
                 Ok(n) => report.service_ports_programmed += n,
                 Err(e) => errors.push(format!("{family}: {e}")),
             }
@@ -316,5 +390,39 @@ impl Backend for IpvsBackend {
     fn cleanup(&mut self) -> Result<(), BackendError> {
         let ipt = Iptables::new(IpFamily::V4).with_exec(self.exec.clone());
         proxy_iptables::cleanup_leftovers(&ipt).map(|_| ()).map_err(|e| BackendError::with_source(NAME, "cleanup", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_reuse_mode_only_on_kernels_with_the_bug() {
+        assert_eq!(parse_kernel_version("5.4.0-150-generic\n"), Some((5, 4)));
+        assert_eq!(parse_kernel_version("6.18.2"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        let has = |k| required_sysctls(false, &[IpFamily::V4], k).contains(&("net/ipv4/vs/conn_reuse_mode", "0"));
+        assert!(has(Some((4, 1))));
+        assert!(has(Some((5, 8))));
+        assert!(!has(Some((5, 9))));
+        assert!(!has(Some((6, 18))));
+        assert!(!has(Some((3, 10))));
+        assert!(!has(None));
+        let all = required_sysctls(true, &IpFamily::ALL, Some((5, 4)));
+        let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "net/ipv4/vs/conntrack",
+                "net/ipv4/vs/conn_reuse_mode",
+                "net/ipv4/vs/expire_nodest_conn",
+                "net/ipv4/vs/expire_quiescent_template",
+                "net/ipv4/ip_forward",
+                "net/ipv6/conf/all/forwarding",
+                "net/ipv4/conf/all/arp_ignore",
+                "net/ipv4/conf/all/arp_announce"
+            ]
+        );
     }
 }
