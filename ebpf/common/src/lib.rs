@@ -494,8 +494,13 @@ pub mod dp_counter {
     /// ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded) of translated flows
     /// whose quoted packet was translated back.
     pub const XLATE_ICMP_ERROR: u32 = 9;
+    /// New flows to a Service port without any endpoint answered with a TCP reset or an ICMP port
+    /// unreachable (upstream's REJECT).
+    pub const REJECT_SENT: u32 = 10;
+    /// Such flows dropped instead because the per-CPU reply rate limit was reached.
+    pub const REJECT_RATE_LIMITED: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     /// Metric-friendly names, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "ct_insert",
@@ -508,6 +513,8 @@ pub mod dp_counter {
         "fib_fail",
         "ct_stale_backend",
         "xlate_icmp_error",
+        "reject_sent",
+        "reject_rate_limited",
     ];
 }
 
@@ -564,3 +571,7 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for SockLbConfig {}
 }
+
+/// Master flag: the Service port has no endpoint at all (upstream's REJECT). Without it, a frontend without
+/// a usable endpoint drops (a Local policy without a local endpoint, as upstream).
+pub const SVC_FLAG_NO_ENDPOINTS: u8 = 1 << 7;

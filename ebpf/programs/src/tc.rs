@@ -5,7 +5,8 @@
 //! 2. else a reply entry (backend → SNAT address:port) → un-SNAT back to frontend → client;
 //! 3. else a NodePort / ExternalIP / LoadBalancer frontend in `KP_SERVICES` → source-range check, backend
 //!    pick, conntrack pair insert, DNAT (+ SNAT to the device's node address for a remote backend under
-//!    `externalTrafficPolicy: Cluster`).
+//!    `externalTrafficPolicy: Cluster`); a Service port without any endpoint is answered with a TCP reset or an
+//!    ICMP port unreachable (`reject.rs`), as upstream's REJECT.
 //!
 //! Packets whose source ends up being a node address (SNATed forwards, un-SNATed replies from a NodePort
 //! frontend) would be dropped as martians by the stack's input route check, so they are redirected after a
@@ -35,8 +36,8 @@ use ebpf_common::{
     CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
     NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRangeKey,
-    addr_from_v4, dp_counter,
+    SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NO_ENDPOINTS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue,
+    SrcRangeKey, addr_from_v4, dp_counter,
 };
 
 use crate::{KP_BACKENDS, KP_SERVICES, affinity_backend_at, bump};
@@ -44,6 +45,10 @@ use crate::{KP_BACKENDS, KP_SERVICES, affinity_backend_at, bump};
 // ICMP errors of translated flows; a child module so it shares this one's maps and helpers.
 #[path = "icmp.rs"]
 mod icmp;
+
+// Replies to new flows of Service ports without endpoints (upstream's REJECT).
+#[path = "reject.rs"]
+mod reject;
 
 #[map]
 static KP_AFFINITY_ADDR: LruHashMap<AddrAffinityKey, AffinityValue> =
@@ -250,6 +255,8 @@ fn apply(ctx: &TcContext, p: &Pkt, v: &CtValue, redirect: bool) -> i32 {
 
 /// [`new_flow`]'s verdict for "conntrack pair inserted": not a `TC_ACT_*` value.
 const FLOW_CREATED: i32 = -100;
+/// [`new_flow`]'s verdict for "the Service port has no endpoint at all": answer with [`reject::send`].
+const FLOW_REJECT: i32 = -101;
 
 /// Picks a backend among the master's slots, honouring `sessionAffinity: ClientIP` keyed by the client's
 /// address (the socket LB keys by network namespace; a packet only has its source address).
@@ -311,14 +318,19 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64, pod: bool) -> Option<i32> {
         };
     }
     if master.count == 0 {
-        // Upstream drops too (Local: the health-check node port steers load balancers away). Pods: the socket
-        // LB would refuse the connect(); per packet the flow is dropped (documented).
         if pod {
             bump(service_id, true);
+        }
+        // As upstream: no endpoint at all → REJECT; endpoints elsewhere but none here for a Local policy →
+        // DROP (for external traffic, the health-check node port steers load balancers away).
+        if ext.flags & SVC_FLAG_NO_ENDPOINTS != 0 {
+            return Some(FLOW_REJECT);
         }
         count(dp_counter::DROP_NO_ENDPOINT);
         return Some(TC_ACT_SHOT as i32);
     }
+    // Only while the writer shrinks a backend set (count read before, slot deleted after): drop, the client
+    // retransmits into the new state.
     let Some((backend_id, backend)) = pick_backend(&mut key, &master, &p.saddr, now) else {
         count(dp_counter::DROP_NO_ENDPOINT);
         return Some(TC_ACT_SHOT as i32);
@@ -454,6 +466,7 @@ fn ingress(ctx: &TcContext, pod: bool) -> i32 {
     match new_flow(ctx, &p, now, pod) {
         // Found right away unless evicted in between; then the packet goes on untranslated.
         Some(FLOW_CREATED) => existing_flow(ctx, &p, now).unwrap_or(TC_ACT_OK as i32),
+        Some(FLOW_REJECT) => reject::send(ctx, &p),
         Some(verdict) => verdict,
         None => TC_ACT_OK as i32,
     }

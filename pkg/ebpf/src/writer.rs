@@ -11,8 +11,8 @@ use std::net::IpAddr;
 
 use ebpf_common::{
     Addr, BACKEND_FLAG_LOCAL, BackendValue, MAX_SERVICE_ID, RevNatValue, SCOPE_EXT, SCOPE_INT, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SOURCE_RANGE, ServiceCounters, ServiceKey, ServiceValue, addr_from_v4,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NO_ENDPOINTS,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceCounters, ServiceKey, ServiceValue, addr_from_v4,
 };
 use proxier::backend::SyncReport;
 use proxier::model::{Changes, Endpoint, IpFamily, ServicePortName, ServicePortState, Snapshot};
@@ -384,6 +384,8 @@ impl<M: LbMaps> MapWriter<M> {
             let range_flag =
                 if kind == SVC_FLAG_LOAD_BALANCER && !src_ranges.is_empty() { SVC_FLAG_SOURCE_RANGE } else { 0 };
             let flags = kind | aff_flag | range_flag | if local_policy { SVC_FLAG_LOCAL_SCOPE } else { 0 };
+            // No endpoint anywhere: the tc programs reject (upstream's REJECT) instead of dropping.
+            let flags = flags | if svc.selected.has_any { 0 } else { SVC_FLAG_NO_ENDPOINTS };
             let master = ServiceValue { affinity_timeout: timeout, flags, ..Default::default() };
             if entries.contains_key(&(fe, SCOPE_EXT)) {
                 // The same address:port listed twice (e.g. an external IP equal to a node address): first wins.

@@ -595,10 +595,10 @@ fn host_only_pods_reach_cluster_ip_per_packet() {
     assert_eq!(backend_ip(&out[0]), POD_IP, "{out:?}");
     assert!(out[0].contains(" peer=198.19.1.2:"), "hairpin source-NATed to the ClusterIP: {out:?}");
 
-    // No endpoints: dropped per packet (socket LB would refuse), so the connect times out.
+    // No endpoints: refused per packet, as socket LB refuses the connect().
     lab.apply(&tcp, vec![], |_| {});
     let out = lab.client(&lab.pod2.clone(), &[("tcp", "198.19.1.1", 80)]);
-    assert!(out[0].starts_with("tcp err="), "{out:?}");
+    assert_eq!(out[0], "tcp err=111", "{out:?}");
 }
 
 #[test]
@@ -710,4 +710,355 @@ fn opt_out_skip_and_unskip_one_pod() {
     let out = lab.client(&pod2, &ops);
     assert!(out.iter().all(|l| l.starts_with("tcp ok peer=198.19.1.1:80 ")), "{out:?}");
     assert_eq!(lab.ct_flows(POD2_IP, "198.19.1.1"), 4, "unskipped: socket LB again");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// No endpoints → reject (upstream's REJECT), per packet: TCP reset / ICMP port unreachable from tc.
+// ---------------------------------------------------------------------------------------------------------
+
+/// What a dial from `ext` ended with: `ok`, `err=<errno>` or `timeout`.
+fn outcome(r: std::io::Result<()>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => "timeout".into(),
+        Err(e) => format!("err={}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+const REFUSED: &str = "err=111";
+
+impl NsLab {
+    /// A TCP connect from `ext`.
+    fn tcp_dial(&self, addr: &str, port: u16) -> String {
+        let sa = SocketAddr::new(addr.parse().unwrap(), port);
+        in_ns(&self.ext, move || outcome(TcpStream::connect_timeout(&sa, IO_TIMEOUT).map(drop)))
+    }
+
+    /// A connected UDP socket from `ext`: send one datagram, wait for an answer.
+    fn udp_dial(&self, addr: &str, port: u16) -> String {
+        let sa = SocketAddr::new(addr.parse().unwrap(), port);
+        in_ns(&self.ext, move || {
+            let run = || -> std::io::Result<()> {
+                let s = UdpSocket::bind(if sa.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.connect(sa)?;
+                s.send(b"ping")?;
+                s.recv(&mut [0u8; 128]).map(drop)
+            };
+            outcome(run())
+        })
+    }
+
+    /// Syncs an IPv6 Service port (ClusterIP `cip`).
+    fn apply_v6(
+        &mut self,
+        cip: &str,
+        n: &ServicePortName,
+        eps: Vec<Endpoint>,
+        tweak: impl FnOnce(&mut ServicePortInfo),
+    ) {
+        let state = svc(cip, 80, n.protocol, eps, tweak);
+        self.snap.v6.services.insert(n.clone(), state);
+        let mut changes = Changes::default();
+        changes.v6.services.insert(n.clone());
+        let snap = self.snap.clone();
+        self.backend().sync(&snap, &changes).expect("sync v6");
+    }
+
+    /// The datapath counters as the metrics endpoint shows them (`kubeproxy_ebpf_datapath_events_total`).
+    fn dp_events(&mut self) -> std::collections::BTreeMap<String, u64> {
+        let registry = prometheus::Registry::new();
+        self.backend().metrics_collector().unwrap().register(&registry).unwrap();
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut buf).unwrap();
+        String::from_utf8(buf)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("kubeproxy_ebpf_datapath_events_total{event=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect()
+    }
+}
+
+/// An AF_PACKET socket on device `dev` of namespace `ns`: every frame the device sends or receives.
+fn capture(ns: &str, dev: &'static str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    in_ns(ns, move || {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain syscalls on a socket this closure owns; the structs are fully initialised.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let name = std::ffi::CString::new(dev).unwrap();
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            assert_ne!(ifindex, 0, "no device {dev}");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            assert_eq!(libc::bind(fd.as_raw_fd(), &sll as *const _ as *const libc::sockaddr, len), 0);
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            let tvlen = std::mem::size_of::<libc::timeval>() as u32;
+            assert_eq!(
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const _,
+                    tvlen
+                ),
+                0
+            );
+            fd
+        }
+    })
+}
+
+/// The frames queued on a [`capture`] socket (until none comes for 200 ms; at most 1024).
+fn frames(fd: &std::os::fd::OwnedFd) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while out.len() < 1024 {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+        if n <= 0 {
+            break;
+        }
+        out.push(buf[..n as usize].to_vec());
+    }
+    out
+}
+
+/// The Internet checksum of `data` after `init` (a running 32-bit sum); 0 over a checksummed message
+/// means it is valid.
+fn inet_sum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// An IP packet seen on the wire, with its checksums checked.
+#[derive(Debug)]
+struct Wire {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    /// The IPv4 header checksum (always true for IPv6) and the L4 checksum (pseudo-header included
+    /// for TCP and ICMPv6) are valid.
+    csum_ok: bool,
+    l4: Vec<u8>,
+}
+
+fn wire(frame: &[u8]) -> Option<Wire> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = frame.get(14..)?;
+    let (src, dst, proto, l4, ip_ok, pseudo) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let tot = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            let l4 = ip.get(ihl..tot)?;
+            let mut pseudo = Vec::from(&ip[12..20]);
+            pseudo.extend_from_slice(&[0, ip[9]]);
+            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            (IpAddr::from(src), IpAddr::from(dst), ip[9], l4, inet_sum(&ip[..ihl], 0) == 0, pseudo)
+        }
+        0x86dd => {
+            let plen = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            let l4 = ip.get(40..40 + plen)?;
+            let mut pseudo = Vec::from(&ip[8..40]);
+            pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, ip[6]]);
+            (IpAddr::from(src), IpAddr::from(dst), ip[6], l4, true, pseudo)
+        }
+        _ => return None,
+    };
+    let mut msg = if proto == 1 { Vec::new() } else { pseudo };
+    msg.extend_from_slice(l4);
+    let l4_ok = inet_sum(&msg, 0) == 0;
+    Some(Wire { src, dst, proto, csum_ok: ip_ok && l4_ok, l4: l4.to_vec() })
+}
+
+fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// Checks the rejects seen on the wire towards `client`: for each `(frontend, port)` a RST|ACK answering
+/// the client's SYN (seq 0, ack = ISN + 1) and an ICMP port unreachable quoting the datagram, both from
+/// the frontend, with valid checksums.
+fn assert_rejects_on_wire(frames: &[Vec<u8>], client: IpAddr, frontends: &[(IpAddr, u16)]) {
+    let pkts: Vec<Wire> = frames.iter().filter_map(|f| wire(f)).collect();
+    for &(fe, port) in frontends {
+        let syn = pkts
+            .iter()
+            .find(|w| w.proto == 6 && w.src == client && w.dst == fe && be16(&w.l4, 2) == port && w.l4[13] == 0x02)
+            .unwrap_or_else(|| panic!("no SYN to {fe}:{port} captured: {pkts:#?}"));
+        let rst = pkts
+            .iter()
+            .find(|w| w.proto == 6 && w.src == fe && w.dst == client && be16(&w.l4, 0) == port)
+            .unwrap_or_else(|| panic!("no reset from {fe}:{port}: {pkts:#?}"));
+        assert!(rst.csum_ok, "reset checksums: {rst:?}");
+        assert_eq!(rst.l4[13], 0x14, "RST|ACK: {rst:?}");
+        assert_eq!(be16(&rst.l4, 2), be16(&syn.l4, 0), "to the SYN's port: {rst:?}");
+        assert_eq!(be32(&rst.l4, 4), 0, "seq 0: {rst:?}");
+        assert_eq!(be32(&rst.l4, 8), be32(&syn.l4, 4).wrapping_add(1), "ack = ISN + 1: {rst:?} {syn:?}");
+        assert_eq!(rst.l4.len(), 20, "no options, no payload: {rst:?}");
+
+        let icmp_proto = if fe.is_ipv4() { 1 } else { 58 };
+        let icmp = pkts
+            .iter()
+            .find(|w| w.proto == icmp_proto && w.src == fe && w.dst == client)
+            .unwrap_or_else(|| panic!("no ICMP error from {fe}: {pkts:#?}"));
+        assert!(icmp.csum_ok, "ICMP checksums: {icmp:?}");
+        let (ty, code, ip_len) = if fe.is_ipv4() { (3, 3, 20) } else { (1, 4, 40) };
+        assert_eq!((icmp.l4[0], icmp.l4[1]), (ty, code), "port unreachable: {icmp:?}");
+        assert_eq!(icmp.l4.len(), 8 + ip_len + 8, "IP header + 8 bytes quoted: {icmp:?}");
+        let quoted = &icmp.l4[8..];
+        let (qdst, qproto) = if fe.is_ipv4() {
+            (IpAddr::from(<[u8; 4]>::try_from(&quoted[16..20]).unwrap()), quoted[9])
+        } else {
+            (IpAddr::from(<[u8; 16]>::try_from(&quoted[24..40]).unwrap()), quoted[6])
+        };
+        assert_eq!((qdst, qproto, be16(quoted, ip_len + 2)), (fe, 17, port), "the datagram quoted: {icmp:?}");
+    }
+}
+
+#[test]
+fn no_endpoints_rejected_from_outside() {
+    let Some(mut lab) = NsLab::new("no_endpoints_rejected_from_outside") else { return };
+    let (tcp, udp) = (name("dead", Protocol::Tcp), name("dead", Protocol::Udp));
+    let dead = |i: &mut ServicePortInfo| {
+        i.node_port = NODE_PORT;
+        i.external_ips = vec!["198.19.0.40".parse().unwrap()];
+    };
+    lab.apply(&tcp, vec![], dead);
+    lab.apply(&udp, vec![], dead);
+    let cap = capture(&lab.ext, "vn");
+    for (addr, port) in [(NODE_IP, NODE_PORT), ("198.19.0.40", 80)] {
+        assert_eq!(lab.tcp_dial(addr, port), REFUSED, "TCP {addr}:{port}");
+        assert_eq!(lab.udp_dial(addr, port), REFUSED, "UDP {addr}:{port}");
+    }
+    let frontends = [(NODE_IP.parse().unwrap(), NODE_PORT), ("198.19.0.40".parse().unwrap(), 80)];
+    assert_rejects_on_wire(&frames(&cap), CLIENT_IP.parse().unwrap(), &frontends);
+    let ev = lab.dp_events();
+    assert_eq!(ev.get("reject_sent"), Some(&4), "{ev:?}");
+    assert_eq!(ev.get("reject_rate_limited"), Some(&0), "{ev:?}");
+
+    // An endpoint appears: served again; it goes away: refused again.
+    lab.apply(&tcp, vec![ep(POD_IP, true)], dead);
+    assert_eq!(lab.tcp_dial(NODE_IP, NODE_PORT), "ok");
+    lab.apply(&tcp, vec![], dead);
+    assert_eq!(lab.tcp_dial(NODE_IP, NODE_PORT), REFUSED);
+
+    // A frontend with endpoints is untouched by any of this.
+    let live = name("live", Protocol::Tcp);
+    lab.apply_at("198.19.1.5", &live, vec![ep(POD_IP, true)], |i| i.node_port = NODE_PORT + 1);
+    let l = lab.tcp(NODE_IP, NODE_PORT + 1).expect("a live NodePort answers");
+    assert_eq!(field(&l, "backend="), Some(POD_IP), "{l}");
+}
+
+#[test]
+fn external_traffic_policy_local_drops_only_without_local_endpoint() {
+    let Some(mut lab) = NsLab::new("external_traffic_policy_local_drops_only_without_local_endpoint") else {
+        return;
+    };
+    let (tcp, udp) = (name("etpl", Protocol::Tcp), name("etpl", Protocol::Udp));
+    let local = |i: &mut ServicePortInfo| {
+        i.node_port = NODE_PORT;
+        i.external_policy_local = true;
+    };
+    // Endpoints elsewhere, none here: dropped (the health-check node port steers load balancers away).
+    lab.apply(&tcp, vec![ep(REMOTE_IP, false)], local);
+    lab.apply(&udp, vec![ep(REMOTE_IP, false)], local);
+    assert_eq!(lab.tcp_dial(NODE_IP, NODE_PORT), "timeout");
+    assert_eq!(lab.udp_dial(NODE_IP, NODE_PORT), "timeout");
+    let ev = lab.dp_events();
+    assert_eq!(ev.get("reject_sent"), Some(&0), "{ev:?}");
+    assert!(ev.get("drop_no_endpoint").is_some_and(|n| *n >= 2), "{ev:?}");
+
+    // No endpoint anywhere: rejected like under Cluster (upstream's REJECT comes before the policy).
+    lab.apply(&tcp, vec![], local);
+    lab.apply(&udp, vec![], local);
+    assert_eq!(lab.tcp_dial(NODE_IP, NODE_PORT), REFUSED);
+    assert_eq!(lab.udp_dial(NODE_IP, NODE_PORT), REFUSED);
+}
+
+#[test]
+fn no_endpoints_rejected_over_ipv6() {
+    let Some(mut lab) = NsLab::new("no_endpoints_rejected_over_ipv6") else { return };
+    let (ext, node) = (lab.ext.clone(), lab.node.clone());
+    run("ip", &["-n", &ext, "addr", "add", "2001:db8:1::200/64", "dev", "br0", "nodad"]);
+    run("ip", &["-n", &node, "addr", "add", "2001:db8:1::10/64", "dev", "eth0", "nodad"]);
+    run("ip", &["-n", &ext, "route", "add", "2001:db8:ff::/64", "via", "2001:db8:1::10"]);
+    let (tcp, udp) = (name("dead6", Protocol::Tcp), name("dead6", Protocol::Udp));
+    let dead = |i: &mut ServicePortInfo| i.external_ips = vec!["2001:db8:ff::40".parse().unwrap()];
+    lab.apply_v6("2001:db8:fe::1", &tcp, vec![], dead);
+    lab.apply_v6("2001:db8:fe::1", &udp, vec![], dead);
+    let cap = capture(&ext, "vn");
+    assert_eq!(lab.tcp_dial("2001:db8:ff::40", 80), REFUSED);
+    assert_eq!(lab.udp_dial("2001:db8:ff::40", 80), REFUSED);
+    let fe = ("2001:db8:ff::40".parse().unwrap(), 80);
+    assert_rejects_on_wire(&frames(&cap), "2001:db8:1::200".parse().unwrap(), &[fe]);
+}
+
+#[test]
+fn reject_replies_are_rate_limited() {
+    let Some(mut lab) = NsLab::new("reject_replies_are_rate_limited") else { return };
+    let udp = name("flood", Protocol::Udp);
+    lab.apply(&udp, vec![], node_port);
+    // Far more datagrams than the burst, as fast as one socket sends them (the rate refills one reply per
+    // millisecond per CPU).
+    let n = 3000;
+    let sa = SocketAddr::new(NODE_IP.parse().unwrap(), NODE_PORT);
+    in_ns(&lab.ext, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..n {
+            let _ = s.send_to(b"x", sa);
+        }
+    });
+    let ev = lab.dp_events();
+    let (sent, limited) = (ev["reject_sent"], ev["reject_rate_limited"]);
+    assert!(sent >= 1 && limited >= 1, "{ev:?}");
+    assert!(sent + limited <= n, "{ev:?}");
+    println!("{n} datagrams to a dead port: {sent} port unreachables sent, {limited} rate-limited");
+}
+
+#[test]
+fn host_only_pods_refused_without_endpoints_per_packet() {
+    let Some(mut lab) =
+        NsLab::with_scope("host_only_pods_refused_without_endpoints_per_packet", SocketLbScope::HostOnly)
+    else {
+        return;
+    };
+    lab.wait_pod_devices(&["vpod", "vpod2"]);
+    let (tcp, udp) = (name("cip0", Protocol::Tcp), name("cip0", Protocol::Udp));
+    lab.apply(&tcp, vec![], |_| {});
+    lab.apply(&udp, vec![], |_| {});
+    let pod2 = lab.pod2.clone();
+    let out = lab.client(&pod2, &[("tcp", "198.19.1.1", 80), ("udpc", "198.19.1.1", 80)]);
+    assert_eq!(out, vec![format!("tcp {REFUSED}"), format!("udpc {REFUSED}")]);
+    // Refused per packet by the pod device's program (the pod's sockets bypass socket LB).
+    let ev = lab.dp_events();
+    assert_eq!(ev.get("reject_sent"), Some(&2), "{ev:?}");
+
+    // internalTrafficPolicy Local with endpoints elsewhere only: dropped, as upstream.
+    lab.apply(&tcp, vec![ep(REMOTE_IP, false)], |i| i.internal_policy_local = true);
+    let out = lab.client(&pod2, &[("tcp", "198.19.1.1", 80)]);
+    assert!(out[0].starts_with("tcp err=") && !out[0].ends_with(REFUSED), "{out:?}");
+    assert_eq!(lab.dp_events().get("reject_sent"), Some(&2));
 }

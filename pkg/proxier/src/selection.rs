@@ -63,11 +63,7 @@ fn serving_terminating(ep: &Endpoint) -> bool {
 
 /// The endpoints of `all` that pass `keep`: `all` itself (shared) when every one does.
 fn filtered(all: &Arc<Vec<Endpoint>>, keep: impl Fn(&Endpoint) -> bool) -> EndpointList {
-    if all.iter().all(&keep) {
-        EndpointList::shared(all)
-    } else {
-        all.iter().filter(|e| keep(e)).cloned().collect()
-    }
+    if all.iter().all(&keep) { EndpointList::shared(all) } else { all.iter().filter(|e| keep(e)).cloned().collect() }
 }
 
 /// Splits `endpoints` (sorted by address) into the cluster-policy and local-policy sets for `info` on

@@ -279,3 +279,33 @@ fn ebpf_opt_out_kpctl_skip_one_pod() {
     assert_answered(&lab.probe_tcp(skipped.clone(), tcp, 16).unwrap(), &["pod-0-1", "pod-1-0"], "after unskip");
     assert_eq!(packets_to(lab, &skipped), n, "unskipped: socket LB again");
 }
+
+/// Host-only: a pod's connect to a ClusterIP without endpoints (IPv4 and IPv6) is refused at once per packet
+/// (a TCP reset from the tc program on its node's pod device, as upstream's REJECT), while the packets carry
+/// the ClusterIP on the wire.
+#[test]
+fn ebpf_host_only_no_endpoints_refused_at_once() {
+    let Some(mut s) = Scenario::up("host_only_no_endpoints_refused_at_once", config("host-only")) else { return };
+    let lab = s.lab();
+    tcp_udp_service(lab, "empty", Family::V4, &[], json!({}));
+    tcp_udp_service(lab, "empty6", Family::V6, &[], json!({}));
+    // Applied last: once it is served, the proxies have seen the two above.
+    tcp_udp_service(lab, "ctl", Family::V4, &["pod-1-0"], json!({}));
+    let client = Place::from("pod-0-0");
+    let ctl = lab.service_addr("ctl", "tcp").unwrap();
+    lab.wait_programmed(client.clone(), Proto::Tcp, ctl, &["pod-1-0"], T).unwrap();
+    let (tcp4, tcp6) = (lab.service_addr("empty", "tcp").unwrap(), lab.service_addr("empty6", "tcp").unwrap());
+    count_packets_to(lab, &client, &[tcp4.ip(), tcp6.ip()]);
+    for addr in [tcp4, tcp6] {
+        let probes = lab.probe_tcp(client.clone(), addr, 4).unwrap();
+        assert_eq!(probes.len(), 4, "{probes:#?}");
+        for p in &probes {
+            assert!(
+                !p.ok && p.stage.as_deref() == Some("connect") && p.errno == Some(111),
+                "{addr} from {client:?}: wanted ECONNREFUSED at connect, got {p:#?}"
+            );
+        }
+    }
+    let on_wire = packets_to(lab, &client);
+    assert!(on_wire >= 8, "refused per packet, so the SYNs must carry the ClusterIP: {on_wire} counted");
+}
