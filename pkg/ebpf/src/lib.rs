@@ -12,7 +12,8 @@
 //!   pinned userspace-only map ([`NAMES_MAP`]) so both work across restarts.
 //! - North-south (NodePort / ExternalIP / LoadBalancer from outside the node): tc programs on the node
 //!   devices with BPF conntrack and SNAT; `tc.rs` attaches them to the devices carrying the node's
-//!   addresses (tcx links, pinned and adopted like the cgroup links), [`ct`] collects expired flows.
+//!   addresses (tcx links, pinned and adopted like the cgroup links; clsact filters on kernels without tcx,
+//!   see [`TcAttachMode`]), [`ct`] collects expired flows.
 //! - Socket-LB scope ([`socklb`], `--socket-lb-scope`): sockets of pods may bypass socket LB (host-only, or
 //!   per pod with `kpctl socket-lb skip`); such pods reach Services per packet through `kp_tc_pod_ingress`
 //!   on the pod-facing devices, which `pods.rs` attaches as they appear.
@@ -39,7 +40,7 @@ pub use metrics::{BpfStatsSource, EbpfCollector, PinnedStats};
 pub use names::{NAMES_MAP, ServiceName, ServiceNameTable, read_pinned_names};
 pub use pods::PodDevice;
 pub use socklb::{SkipMap, SocketLbScope};
-pub use tc::NodeDevice;
+pub use tc::{CLSACT_PRIORITY, NODE_FILTER_HANDLE, NodeDevice, POD_FILTER_HANDLE, TC_ATTACH_ENV, TcAttachMode};
 pub use writer::{MapWriter, ServiceCounterSample, SrcRange, addr16, ip_from_addr16};
 
 /// Errors of the eBPF backend; each names the input (path, map, key, service) that caused it.

@@ -24,7 +24,7 @@ use crate::names::{NamePublisher, ServiceNameTable};
 use crate::pods::{self, PodDevice, PodWatcher};
 use crate::socklb::{self, SocketLbScope};
 use crate::sys;
-use crate::tc::{NodeDevice, TcManager};
+use crate::tc::{NodeDevice, TcAttachMode, TcManager};
 use crate::writer::{MapWriter, ServiceCounterSample};
 
 /// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
@@ -69,6 +69,9 @@ pub struct EbpfOptions {
     /// Which sockets the cgroup programs translate; other than `All`, pod-facing devices get the per-packet
     /// path (needs `north_south`). Default `All`.
     pub socket_lb_scope: SocketLbScope,
+    /// How the tc programs attach (tcx links or clsact filters). Default `Auto`: the
+    /// `KUBE_PROXY_RS_TC_ATTACH` environment variable when set, else tcx where the kernel has it.
+    pub tc_attach: TcAttachMode,
 }
 
 impl EbpfOptions {
@@ -84,6 +87,7 @@ impl EbpfOptions {
             ct_max_entries: ebpf_common::CT_MAX_ENTRIES,
             ct_gc_interval: None,
             socket_lb_scope: SocketLbScope::All,
+            tc_attach: TcAttachMode::Auto,
         }
     }
 }
@@ -151,6 +155,8 @@ struct Inner {
     tc: Option<TcManager>,
     // Pod-facing devices (socket-LB scope other than all).
     pods: Option<PodWatcher>,
+    // How the tc programs are attached (resolved; None when north-south is disabled).
+    tc_mode: Option<TcAttachMode>,
     ct_stats: Arc<CtStats>,
     // Dropped (stopped and joined) with the backend.
     _gc: Option<GcThread>,
@@ -223,10 +229,18 @@ impl EbpfBackend {
         }
 
         let tc_progs = if opts.north_south { Some(load_tc_programs(&mut ebpf)?) } else { None };
+        let tc_mode = match &tc_progs {
+            Some((ingress, _)) => {
+                let m = opts.tc_attach.resolve(ingress)?;
+                info!(mode = %m, requested = %opts.tc_attach, "tc attachment");
+                Some(m)
+            }
+            None => None,
+        };
         let pod_prog = if scope.per_packet_pods() {
             Some(load_classifier(&mut ebpf, program_names::TC_POD_INGRESS)?)
         } else {
-            pods::remove_all_pins(&links_dir)?;
+            pods::remove_all(&links_dir, &netns)?;
             None
         };
 
@@ -243,13 +257,15 @@ impl EbpfBackend {
         let pods = match pod_prog {
             Some(prog) => {
                 let ns = netns.try_clone().map_err(io_err(format!("duplicating the fd of {}", ns_path.display())))?;
-                Some(PodWatcher::start(ns, &links_dir, prog, opts.program_update)?)
+                let mode = tc_mode.unwrap_or_default();
+                Some(PodWatcher::start(ns, &links_dir, prog, opts.program_update, mode)?)
             }
             None => None,
         };
         let (tc, gc) = match tc_progs {
-            Some((ingress, egress)) => {
-                let tc = TcManager::new(netns, &links_dir, ingress, egress, opts.program_update, node_addrs)?;
+            Some(progs) => {
+                let mode = tc_mode.unwrap_or_default();
+                let tc = TcManager::new(netns, &links_dir, progs, opts.program_update, node_addrs, mode)?;
                 let gc = GcThread::start(CtMap::open(&opts.bpffs_root)?, ct_stats.clone(), opts.ct_gc_interval);
                 (Some(tc), Some(gc))
             }
@@ -262,7 +278,10 @@ impl EbpfBackend {
             adopted_services = writer.service_count(),
             "eBPF socket load balancer attached"
         );
-        Ok(EbpfBackend { opts, inner: Some(Inner { writer, names, tc, pods, ct_stats, _gc: gc, _ebpf: ebpf }) })
+        Ok(EbpfBackend {
+            opts,
+            inner: Some(Inner { writer, names, tc, pods, tc_mode, ct_stats, _gc: gc, _ebpf: ebpf }),
+        })
     }
 
     /// The devices the north-south tc programs are attached to (empty before the first sync with node
@@ -275,6 +294,11 @@ impl EbpfBackend {
     /// the first sync with node addresses).
     pub fn pod_devices(&self) -> Vec<PodDevice> {
         self.inner.as_ref().and_then(|i| i.pods.as_ref()).map(PodWatcher::devices).unwrap_or_default()
+    }
+
+    /// How the tc programs are attached (`Tcx` or `Clsact`, resolved at start-up); `None` without them.
+    pub fn tc_attach_mode(&self) -> Option<TcAttachMode> {
+        self.inner.as_ref().and_then(|i| i.tc_mode)
     }
 
     /// The conntrack GC's statistics (shared with [`EbpfBackend::metrics_collector`]).
@@ -356,6 +380,22 @@ impl EbpfBackend {
         }
         info!(bpffs = %bpffs_root.display(), cgroup = %cgroup_root.display(), "removed eBPF pins");
         Ok(())
+    }
+
+    /// Removes our clsact filters (priority [`crate::CLSACT_PRIORITY`], our handles and program names) from
+    /// every device of the network namespace `netns` (a `/proc/…/ns/net` or `/run/netns/…` file), and the
+    /// clsact qdisc of a device that is left without any filter: for `--cleanup`, next to
+    /// [`EbpfBackend::cleanup_all`] (netlink filters have no pin). Returns `device/hook` of each filter
+    /// removed. Filters of other tools, and their qdiscs, stay.
+    pub fn cleanup_tc_filters(netns: &Path) -> Result<Vec<String>, EbpfError> {
+        let ns = fs::File::open(netns).map_err(io_err(format!("opening network namespace {}", netns.display())))?;
+        let removed = sys::in_netns(&ns, crate::tc::clsact_remove_all)
+            .and_then(|r| r)
+            .map_err(io_err(format!("removing our tc filters in {}", netns.display())))?;
+        if !removed.is_empty() {
+            info!(netns = %netns.display(), filters = ?removed, "removed clsact tc filters");
+        }
+        Ok(removed)
     }
 }
 
@@ -471,8 +511,14 @@ impl Backend for EbpfBackend {
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
+        let clsact = self.tc_attach_mode() == Some(TcAttachMode::Clsact);
         // Drop our fds first so removing the pins really detaches.
         self.inner = None;
+        // Filters have no pin; only a backend that attached some looks for them (the tcx path has none).
+        if clsact {
+            let ns = self.opts.tc_netns.clone().unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+            EbpfBackend::cleanup_tc_filters(&ns).map_err(backend_err)?;
+        }
         EbpfBackend::cleanup_all(&self.opts.bpffs_root, &self.opts.cgroup_root).map_err(backend_err)
     }
 }

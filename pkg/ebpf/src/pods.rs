@@ -8,9 +8,11 @@
 //! attached before the node devices are known (the first sync with node addresses), so a node device can
 //! never get the pod program.
 //!
-//! Links are tcx bpf_links pinned as `<bpffs_root>/v1/links/pod-<ifindex>-<ifname>-ingress`, adopted and
-//! updated in place by a restarted proxy like the node-device ones (no window without translation); pins
-//! of vanished devices are removed.
+//! Under tcx, links are bpf_links pinned as `<bpffs_root>/v1/links/pod-<ifindex>-<ifname>-ingress`, adopted
+//! and updated in place by a restarted proxy like the node-device ones (no window without translation); pins
+//! of vanished devices are removed. Under clsact, the program is our filter with handle
+//! [`POD_FILTER_HANDLE`] on the ingress hook, replaced in place by a restarted proxy and removed from devices
+//! that stop being pod-facing (e.g. a device that became a node device).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -22,11 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ebpf_common::program_names;
 use tracing::{debug, info, warn};
 
 use crate::EbpfError;
 use crate::loader::{ProgramUpdate, io_err};
-use crate::sys::{self, BPF_TCX_INGRESS};
+use crate::sys::{self, BPF_TCX_INGRESS, TC_PARENT_INGRESS};
+use crate::tc::{POD_FILTER_HANDLE, TcAttachMode, clsact_attach, clsact_remove};
 
 /// Prefix of every pod-device link pin in the links directory.
 const PIN_PREFIX: &str = "pod-";
@@ -68,15 +72,17 @@ pub(crate) struct PodWatcher {
 }
 
 impl PodWatcher {
-    /// Starts the watcher thread in the namespace `netns`.
+    /// Starts the watcher thread in the namespace `netns`; `mode` is resolved (`Tcx` or `Clsact`).
     pub(crate) fn start(
         netns: fs::File,
         links_dir: &Path,
         prog: OwnedFd,
         update: ProgramUpdate,
+        mode: TcAttachMode,
     ) -> Result<PodWatcher, EbpfError> {
         let shared = Arc::new(Shared::default());
-        let mut state = State { links_dir: links_dir.to_path_buf(), prog, update, attached: Vec::new() };
+        let mut state =
+            State { links_dir: links_dir.to_path_buf(), prog, update, mode, attached: Vec::new(), swept: false };
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kp-pod-devices".into())
@@ -128,9 +134,17 @@ impl Drop for PodWatcher {
     }
 }
 
-/// Removes every pod-device pin (detaching the pod program): for scope `all`.
-pub(crate) fn remove_all_pins(links_dir: &Path) -> Result<(), EbpfError> {
-    remove_pins_except(links_dir, &[])
+/// Removes every pod-device pin and our pod filter from every device of `netns` (detaching the pod
+/// program): for scope `all`.
+pub(crate) fn remove_all(links_dir: &Path, netns: &fs::File) -> Result<(), EbpfError> {
+    remove_pins_except(links_dir, &[])?;
+    let removed = sys::in_netns(netns, || clsact_remove(POD_FILTER_HANDLE, &[TC_PARENT_INGRESS], |_| true))
+        .and_then(|r| r)
+        .map_err(io_err("removing pod tc filters in the proxy's network namespace"))?;
+    for r in removed {
+        info!(filter = %r, "pod tc program detached");
+    }
+    Ok(())
 }
 
 fn remove_pins_except(links_dir: &Path, wanted: &[String]) -> Result<(), EbpfError> {
@@ -150,7 +164,10 @@ struct State {
     links_dir: PathBuf,
     prog: OwnedFd,
     update: ProgramUpdate,
+    mode: TcAttachMode,
     attached: Vec<PodDevice>,
+    /// Whether what the other mode (or a previous run) left on non-pod devices was removed.
+    swept: bool,
 }
 
 impl State {
@@ -199,13 +216,47 @@ impl State {
                 Err(e) => debug!(device = %d.name, error = %e, "pod tc program not attached"),
             }
         }
-        let wanted: Vec<String> = attached.iter().map(PodDevice::pin_name).collect();
-        self.attached = attached;
-        remove_pins_except(&self.links_dir, &wanted)
+        let previous = std::mem::replace(&mut self.attached, attached);
+        if self.mode == TcAttachMode::Clsact {
+            // Pod filters now in place, tcx pins of a previous run can go. Stale filters: on devices this
+            // process attached to, and once on every device (a previous run's).
+            remove_pins_except(&self.links_dir, &[])?;
+            let full = !self.swept;
+            let removed = clsact_remove(POD_FILTER_HANDLE, &[TC_PARENT_INGRESS], |i| {
+                !desired.iter().any(|d| d.ifindex == i) && (full || previous.iter().any(|d| d.ifindex == i))
+            })
+            .map_err(io_err("removing stale pod tc filters"))?;
+            for r in removed {
+                info!(filter = %r, "pod tc program detached (no longer a pod-facing device)");
+            }
+        } else {
+            let wanted: Vec<String> = self.attached.iter().map(PodDevice::pin_name).collect();
+            remove_pins_except(&self.links_dir, &wanted)?;
+            if !self.swept {
+                let removed = clsact_remove(POD_FILTER_HANDLE, &[TC_PARENT_INGRESS], |_| true)
+                    .map_err(io_err("removing pod clsact filters of a previous run"))?;
+                for r in removed {
+                    info!(filter = %r, "pod clsact filter of a previous run removed (tcx attached)");
+                }
+            }
+        }
+        self.swept = true;
+        Ok(())
     }
 
-    /// Adopts this device's pin of a previous run (swapping the program in) or creates and pins a link.
+    /// Attaches the pod program to `d`: our clsact filter (created or replaced in place), or under tcx the
+    /// device's pin of a previous run (swapping the program in) or a new pinned link.
     fn attach(&self, d: &PodDevice) -> Result<(), EbpfError> {
+        if self.mode == TcAttachMode::Clsact {
+            let name = program_names::TC_POD_INGRESS;
+            clsact_attach(d.ifindex, TC_PARENT_INGRESS, POD_FILTER_HANDLE, self.prog.as_fd(), name, self.update)
+                .map_err(io_err(format!(
+                    "attaching the pod tc ingress program to {} ({}) (clsact)",
+                    d.name, d.ifindex
+                )))?;
+            debug!(device = %d.name, ifindex = d.ifindex, "pod tc program attached (clsact)");
+            return Ok(());
+        }
         let pin = self.links_dir.join(d.pin_name());
         if pin.exists() {
             match sys::obj_get(&pin) {
@@ -234,29 +285,7 @@ impl State {
 
 /// Every device of the calling thread's network namespace.
 fn list_links() -> io::Result<Vec<PodDevice>> {
-    // SAFETY: returns a list we free below, or NULL with errno set.
-    let head = unsafe { libc::if_nameindex() };
-    if head.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    // Bounded: the list ends with a zero entry.
-    loop {
-        // SAFETY: `cur` points into the array if_nameindex returned, which ends with a zeroed entry.
-        let e = unsafe { &*cur };
-        if e.if_index == 0 || e.if_name.is_null() {
-            break;
-        }
-        // SAFETY: a NUL-terminated name owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(e.if_name) }.to_string_lossy().into_owned();
-        out.push(PodDevice { ifindex: e.if_index, name });
-        // SAFETY: still inside the array (the terminator was not reached).
-        cur = unsafe { cur.add(1) };
-    }
-    // SAFETY: frees the list if_nameindex allocated, once.
-    unsafe { libc::if_freenameindex(head) };
-    Ok(out)
+    Ok(sys::list_links()?.into_iter().map(|(ifindex, name)| PodDevice { ifindex, name }).collect())
 }
 
 /// A NETLINK_ROUTE socket subscribed to link events, with a receive timeout of [`EVENT_WAIT`].

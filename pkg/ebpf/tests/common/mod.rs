@@ -256,7 +256,12 @@ pub fn svc(
     ServicePortState {
         info: Arc::new(info),
         endpoints: Arc::new(eps.clone()),
-        selected: SelectedEndpoints { has_any: !eps.is_empty(), cluster, local, all_reachable: eps },
+        selected: SelectedEndpoints {
+            has_any: !eps.is_empty(),
+            cluster: cluster.into(),
+            local: local.into(),
+            all_reachable: eps.into(),
+        },
     }
 }
 
