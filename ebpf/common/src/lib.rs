@@ -365,6 +365,9 @@ pub const CT_F_SNAT: u8 = 1 << 0;
 pub const CT_F_SEEN: u8 = 1 << 1;
 /// [`CtValue::flags`]: a TCP FIN or RST went through in this direction.
 pub const CT_F_CLOSING: u8 = 1 << 2;
+/// [`CtValue::flags`]: once closed, the backend keeps no TIME_WAIT for this flow's tuple (the client closed
+/// first, or a reset ended it), so its SNAT port may go to a new flow before the GC removes it.
+pub const CT_F_REUSABLE: u8 = 1 << 3;
 
 /// Conntrack lifetimes (seconds) applied by the userspace GC, Cilium's defaults.
 pub mod ct_lifetime {
@@ -499,8 +502,10 @@ pub mod dp_counter {
     pub const REJECT_SENT: u32 = 10;
     /// Such flows dropped instead because the per-CPU reply rate limit was reached.
     pub const REJECT_RATE_LIMITED: u32 = 11;
+    /// SNAT ports taken over from closed flows (see [`super::CT_F_REUSABLE`]).
+    pub const SNAT_PORT_REUSED: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Metric-friendly names, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "ct_insert",
@@ -515,6 +520,7 @@ pub mod dp_counter {
         "xlate_icmp_error",
         "reject_sent",
         "reject_rate_limited",
+        "snat_port_reused",
     ];
 }
 

@@ -33,11 +33,11 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     AFFINITY_ADDR_MAX_ENTRIES, Addr, AddrAffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_FWD,
-    CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NO_ENDPOINTS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE, ServiceKey, ServiceValue,
-    SrcRangeKey, addr_from_v4, dp_counter,
+    CT_DIR_REPLY, CT_F_CLOSING, CT_F_REUSABLE, CT_F_SEEN, CT_F_SNAT, CT_MAX_ENTRIES, CtKey, CtValue, FAMILY_V4,
+    FAMILY_V6, NODE_ADDRS_MAX_ENTRIES, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXT, SCOPE_INT, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SNAT_PORT_RETRIES, SRC_RANGES_MAX_ENTRIES, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL_SCOPE, SVC_FLAG_NO_ENDPOINTS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGE,
+    ServiceKey, ServiceValue, SrcRangeKey, addr_from_v4, dp_counter,
 };
 
 use crate::{KP_BACKENDS, KP_SERVICES, affinity_backend_at, bump};
@@ -72,10 +72,14 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// The GC needs `last_seen_ns` only to the second; refreshing it more often just dirties cache lines.
 const REFRESH_NS: u64 = NSEC_PER_SEC;
+/// A closed flow's SNAT port goes to a new flow only after this long without packets: the client's last ACK
+/// (or the backend's retransmitted FIN, if it was lost) has passed by then.
+const REUSE_AFTER_NS: u64 = NSEC_PER_SEC;
 /// IPv4 header checksum offset.
 const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
 
@@ -219,17 +223,75 @@ fn fib_redirect(ctx: &TcContext, p: &Pkt, v: &CtValue, ifindex: u32) -> i32 {
     TC_ACT_OK as i32
 }
 
-/// Marks an entry as used: `SEEN`, `CLOSING` on FIN/RST, `last_seen_ns` at most once a second.
+/// Marks an entry as used: `SEEN`, `CLOSING` on FIN/RST (`REUSABLE` too on RST: a reset leaves no
+/// TIME_WAIT), `last_seen_ns` at most once a second, and on every SYN/FIN/RST (the start of
+/// [`REUSE_AFTER_NS`]). A SYN on a closed flow's entry (the client reusing its port) opens it again.
 #[inline(always)]
 fn touch(v: *mut CtValue, p: &Pkt, now: u64) {
     let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 { CT_F_CLOSING } else { 0 };
+    let reset = if p.tcp_flags & TCP_RST != 0 { CT_F_REUSABLE } else { 0 };
+    let reopen = if p.tcp_flags & TCP_SYN != 0 { CT_F_CLOSING | CT_F_REUSABLE } else { 0 };
     unsafe {
-        let want = (*v).flags | CT_F_SEEN | closing;
+        let want = ((*v).flags & !reopen) | CT_F_SEEN | closing | reset;
         if want != (*v).flags {
             (*v).flags = want;
         }
-        if now.wrapping_sub((*v).last_seen_ns) > REFRESH_NS {
+        if p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || now.wrapping_sub((*v).last_seen_ns) > REFRESH_NS {
             (*v).last_seen_ns = now;
+        }
+    }
+}
+
+/// The backend's first FIN of a SNATed flow: when the client's FIN came first, the client holds the
+/// TIME_WAIT and the backend none, so the SNAT port can be reused soon after the close ([`try_reuse`]).
+/// (A simultaneous close is taken for a client-first one; the backend then rejects a reusing SYN only if
+/// its timestamps are older, and the client retries.)
+#[inline(always)]
+fn backend_fin(v: *mut CtValue, rkey: &CtKey, val: &CtValue) {
+    let fk = val.partner(rkey);
+    if let Some(f) = unsafe { KP_CT.get(&fk) }
+        && f.flags & CT_F_CLOSING != 0
+    {
+        unsafe { (*v).flags |= CT_F_REUSABLE };
+    }
+}
+
+/// Frees SNAT reply key `rkey` held by a closed flow that left no TIME_WAIT at the backend
+/// ([`CT_F_REUSABLE`]) and has been quiet for [`REUSE_AFTER_NS`]: removes both of its entries, so the
+/// caller's `BPF_NOEXIST` insert can take the port. The GC would free it only after the closing lifetime
+/// (10 s) and its interval, which at a few thousand new flows per second exhausts the SNAT range.
+#[inline(always)]
+fn try_reuse(rkey: &CtKey, now: u64) -> bool {
+    let Some(old) = (unsafe { KP_CT.get(rkey) }) else {
+        return true;
+    };
+    let (seen, nat_dport) = (old.last_seen_ns, old.nat_dport);
+    let mut flags = old.flags;
+    let mut last = seen;
+    let fk = old.partner(rkey);
+    let mut partner = false;
+    if let Some(f) = unsafe { KP_CT.get(&fk) }
+        && f.partner(&fk) == *rkey
+    {
+        partner = true;
+        flags |= f.flags;
+        if f.last_seen_ns > last {
+            last = f.last_seen_ns;
+        }
+    }
+    let closed = CT_F_SNAT | CT_F_CLOSING | CT_F_REUSABLE;
+    if flags & closed != closed || now.wrapping_sub(last) < REUSE_AFTER_NS || last > now {
+        return false;
+    }
+    if partner {
+        let _ = KP_CT.remove(&fk);
+    }
+    // Another CPU may have reused the port since the read above: leave its new entry alone.
+    match unsafe { KP_CT.get(rkey) } {
+        Some(cur) if cur.last_seen_ns != seen || cur.nat_dport != nat_dport => false,
+        _ => {
+            let _ = KP_CT.remove(rkey);
+            true
         }
     }
 }
@@ -390,14 +452,27 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64, pod: bool) -> Option<i32> {
         };
         rkey.daddr = *node;
         let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        // Deterministic first (as Cilium): the client's own port when it lies in the range, so one client's
+        // flows map 1:1; then random ports. A port held by a closed flow is reused (`try_reuse`).
+        let own = u16::from_be(p.sport);
+        let mut port = if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&own) {
+            own
+        } else {
+            (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
+        };
         let mut found = false;
         for _ in 0..SNAT_PORT_RETRIES {
-            let port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
             rkey.dport = port.to_be();
             if KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
                 found = true;
                 break;
             }
+            if try_reuse(&rkey, now) && KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
+                count(dp_counter::SNAT_PORT_REUSED);
+                found = true;
+                break;
+            }
+            port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
         }
         if !found {
             count(dp_counter::SNAT_EXHAUSTED);
@@ -445,6 +520,9 @@ fn existing_flow(ctx: &TcContext, p: &Pkt, now: u64) -> Option<i32> {
         // A reply to a SNATed flow (addressed to the node), or (pod side) a local backend's reply to a pod's
         // per-packet flow: back to frontend → client.
         let val = unsafe { *v };
+        if p.tcp_flags & TCP_FIN != 0 && val.flags & (CT_F_SNAT | CT_F_CLOSING) == CT_F_SNAT {
+            backend_fin(v, &ct_key(p, CT_DIR_REPLY), &val);
+        }
         touch(v, p, now);
         count(dp_counter::XLATE_REPLY);
         return Some(apply(ctx, p, &val, true));

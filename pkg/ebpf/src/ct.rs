@@ -73,6 +73,13 @@ pub fn lifetime_s(key: &CtKey, value: &CtValue, partner: Option<&CtValue>) -> u6
     if reply.is_some_and(|r| r.flags & CT_F_SEEN != 0) { ct_lifetime::TCP_ESTABLISHED } else { ct_lifetime::TCP_SYN }
 }
 
+/// Whether the datapath touched any entry of an expired flow since the walk saw it; `current` re-reads an
+/// entry (`None`: gone, which is no touch).
+pub fn touched_since(flow: &[(CtKey, CtValue)], mut current: impl FnMut(&CtKey) -> Option<CtValue>) -> bool {
+    flow.iter()
+        .any(|(k, seen)| current(k).is_some_and(|cur| cur.last_seen_ns != seen.last_seen_ns || cur.flags != seen.flags))
+}
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -166,7 +173,8 @@ impl CtMap {
     pub fn gc_pass(&mut self, now_ns: u64) -> Result<GcReport, EbpfError> {
         let snapshot: StdHashMap<CtKey, CtValue> = self.dump()?.into_iter().collect();
         let mut report = GcReport { scanned: snapshot.len() as u64, ..Default::default() };
-        let mut doomed: Vec<(CtKey, CtValue)> = Vec::new();
+        // Expired flows: one or both entries (an orphan has no partner).
+        let mut doomed: Vec<Vec<(CtKey, CtValue)>> = Vec::new();
         let mut decided: std::collections::HashSet<CtKey> = std::collections::HashSet::new();
         for (k, v) in &snapshot {
             if decided.contains(k) {
@@ -182,24 +190,25 @@ impl CtMap {
             let last = partner.map_or(v.last_seen_ns, |p| p.last_seen_ns.max(v.last_seen_ns));
             let life = lifetime_s(k, v, partner) * NSEC_PER_SEC;
             if now_ns.saturating_sub(last) > life {
-                doomed.push((*k, *v));
+                let mut flow = vec![(*k, *v)];
                 if let Some(p) = partner {
-                    doomed.push((pk, *p));
+                    flow.push((pk, *p));
                 }
+                doomed.push(flow);
             }
         }
-        for (k, seen) in doomed {
-            // Re-read: the datapath may have refreshed the flow after the walk.
-            match self.map.get(&k, 0) {
-                Ok(cur) if cur.last_seen_ns != seen.last_seen_ns || cur.flags != seen.flags => {
-                    report.raced += 1;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(_) => continue,
+        for flow in doomed {
+            // Re-read: the datapath may have refreshed the flow after the walk (a client reusing its port
+            // touches the forward entry first). Then both entries stay: deleting the untouched one would leave
+            // the other without its partner, and its SNAT port free for a second flow.
+            if touched_since(&flow, |k| self.map.get(k, 0).ok()) {
+                report.raced += flow.len() as u64;
+                continue;
             }
-            if self.map.remove(&k).is_ok() {
-                report.deleted += 1;
+            for (k, _) in flow {
+                if self.map.remove(&k).is_ok() {
+                    report.deleted += 1;
+                }
             }
         }
         report.remaining = report.scanned - report.deleted.min(report.scanned);
@@ -387,6 +396,20 @@ mod tests {
         assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::TCP_CLOSING);
         let (k, v, _, pv) = pair(PROTO_UDP, CT_F_SEEN, CT_F_SEEN);
         assert_eq!(lifetime_s(&k, &v, Some(&pv)), ct_lifetime::NON_TCP);
+    }
+
+    #[test]
+    fn a_flow_touched_in_one_direction_is_kept_whole() {
+        let (k, v, pk, pv) = pair(PROTO_TCP, CT_F_SEEN | CT_F_CLOSING, CT_F_SEEN | CT_F_CLOSING);
+        let flow = [(k, v), (pk, pv)];
+        // Untouched, or one entry already gone: delete.
+        assert!(!touched_since(&flow, |key| Some(if *key == k { v } else { pv })));
+        assert!(!touched_since(&flow, |key| (*key == k).then_some(v)));
+        // The client reused its port: a SYN refreshed the forward entry only; the reply entry must stay too.
+        let reopened = CtValue { flags: CT_F_SEEN, last_seen_ns: v.last_seen_ns + 1, ..v };
+        assert!(touched_since(&flow, |key| Some(if *key == k { reopened } else { pv })));
+        let refreshed = CtValue { last_seen_ns: pv.last_seen_ns + 1, ..pv };
+        assert!(touched_since(&flow, |key| Some(if *key == k { v } else { refreshed })));
     }
 
     #[test]

@@ -408,3 +408,73 @@ fn node_port_session_affinity_from_external(mode: &str) {
     let again = lab.probe_tcp(Place::External, addr, 20).unwrap();
     assert_answered(&again, &[pods_answered(&probes).first().unwrap().as_str()], "affinity, second round");
 }
+
+#[test]
+fn ebpf_node_port_short_connections_never_stall() {
+    node_port_short_connections_never_stall("ebpf")
+}
+
+#[test]
+fn iptables_node_port_short_connections_never_stall() {
+    node_port_short_connections_never_stall("iptables")
+}
+
+/// The node's `kubeproxy_ebpf_datapath_events_total{event=...}` (0 when absent).
+fn datapath_event(lab: &Lab, node: usize, event: &str) -> u64 {
+    let prefix = format!("kubeproxy_ebpf_datapath_events_total{{event=\"{event}\"}}");
+    lab.metrics(node)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Short connections (connect, one line, close; the client closes first) from outside, back to back through a
+/// NodePort whose backends are remote, so every flow is source-NATed: none may need a retransmitted SYN (a
+/// connect of 0.9 s or more) or fail. More flows per backend go through than the SNAT range has ports, well
+/// within the conntrack closing lifetime, so closed flows' SNAT ports must be reused without stalling new
+/// flows. The client is set up as the bench's (TIME_WAIT reuse, a wide port range), so it also reuses its
+/// own ports while their flows' entries are still there.
+fn node_port_short_connections_never_stall(mode: &str) {
+    let Some(mut s) = Scenario::up("node_port_short_connections_never_stall", config(mode)) else { return };
+    let lab = s.lab();
+    let np = 30099;
+    let backends = ["pod-1-0", "pod-1-1"];
+    lab.apply_service("np", Family::V4, node_port_spec(np, json!({}))).unwrap();
+    lab.set_endpoints("np", &backends.map(Ep::ready)).unwrap();
+    let addr = SocketAddr::new(node_ip(lab, 0, Family::V4), np);
+    lab.wait_programmed(Place::External, Proto::Tcp, addr, &backends, T).unwrap();
+    let sysctls = ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10000 65000"];
+    let out = lab.exec_in(Place::External, "sysctl", &[&["-qw"], &sysctls[..]].concat(), T).unwrap();
+    assert!(out.status.success(), "sysctl in the external namespace: {}", String::from_utf8_lossy(&out.stderr));
+
+    // 12k flows over 2 backends: 6k SNAT tuples per backend, against 4536 ports (61000–65535).
+    const FLOWS: u64 = 12_000;
+    const WINDOW: Duration = Duration::from_secs(3);
+    // A 3 s bound per attempt: a SYN that needed a retransmission still connects and is counted as slow.
+    let args: Vec<String> =
+        ["churn-client", &addr.to_string(), "--duration-ms", "3000", "--timeout-ms", "3000"].map(String::from).to_vec();
+    let (mut ok, mut windows) = (0u64, 0);
+    let start = std::time::Instant::now();
+    while ok < FLOWS {
+        windows += 1;
+        assert!(windows <= 40, "only {ok} connections in {windows} windows of {WINDOW:?}");
+        let out = lab.spawn_client(Place::External, &args).unwrap().finish(WINDOW + T).unwrap();
+        let summary = client_summary(&String::from_utf8_lossy(&out.stdout)).expect("churn summary");
+        let (n, failed, slow) = (summary["ok"].as_u64(), summary["failed"].as_u64(), summary["slow"].as_u64());
+        assert_eq!((failed, slow), (Some(0), Some(0)), "window {windows}, after {ok} connections: {summary}");
+        ok += n.unwrap_or(0);
+    }
+    let mut counters = String::new();
+    if mode == "ebpf" {
+        let (reused, exhausted) =
+            (datapath_event(lab, 0, "snat_port_reused"), datapath_event(lab, 0, "snat_port_exhausted"));
+        assert_eq!(exhausted, 0, "SNAT ports exhausted");
+        assert!(reused > 0, "{ok} flows over 2 backends without reusing a SNAT port: the range was not exercised");
+        counters = format!("; SNAT ports reused {reused}");
+    }
+    println!(
+        "[{mode}] NUMBERS node_port_short_connections: {ok} connections through {addr} in {:.1} s, 0 failed, 0 slow{counters}",
+        start.elapsed().as_secs_f64()
+    );
+}
