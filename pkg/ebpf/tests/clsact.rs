@@ -17,7 +17,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{SERVER_LIFETIME, ep, name, run, skip_reason, svc};
+use common::{SERVER_LIFETIME, ep, in_ns, name, netns, run, skip_reason, svc};
 use proxier::backend::Backend;
 use proxier::model::{Changes, Endpoint, IpFamily, Protocol, ServicePortInfo, ServicePortName, Snapshot};
 use proxy_ebpf::{CLSACT_PRIORITY, EbpfBackend, EbpfOptions, SocketLbScope, TcAttachMode, detect_cgroup2_mount};
@@ -39,23 +38,6 @@ const CIP: &str = "198.19.1.1";
 const IO_TIMEOUT: Duration = Duration::from_millis(1500);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-fn netns(ns: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{ns}"))
-}
-
-/// Runs `f` on a thread inside namespace `ns`; sockets made there stay in it.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = netns(ns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: valid namespace fd; only this short-lived thread changes namespace.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}", path.display());
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 struct ClsLab {
     ext: String,

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{CLIENT, SERVER_LIFETIME, ep, name, run, skip_reason, svc};
+use common::{CLIENT, SERVER_LIFETIME, ep, in_ns, name, netns, run, skip_reason, svc};
 use ebpf_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use proxier::backend::Backend;
 use proxier::model::{Changes, Endpoint, IpFamily, Protocol, ServicePortInfo, ServicePortName, Snapshot};
@@ -55,23 +55,6 @@ struct NsLab {
     servers: Vec<JoinHandle<()>>,
     backend: Option<EbpfBackend>,
     snap: Snapshot,
-}
-
-fn netns(ns: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{ns}"))
-}
-
-/// Runs `f` on a thread inside namespace `ns`; sockets made there stay in it.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = netns(ns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: valid namespace fd; only this short-lived thread changes namespace.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}", path.display());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 impl NsLab {

@@ -288,3 +288,22 @@ pub fn apply(lab: &mut Lab, snap: &mut Snapshot, n: ServicePortName, state: Opti
 pub fn v4_eps(n: usize) -> Vec<Endpoint> {
     POD_V4[..n].iter().map(|a| ep(a, false)).collect()
 }
+
+/// `/run/netns/<ns>`.
+pub fn netns(ns: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{ns}"))
+}
+
+/// Runs `f` on a thread inside namespace `ns`; sockets made there stay in it.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = netns(ns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: valid namespace fd; only this short-lived thread changes namespace.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {}", path.display());
+        f()
+    })
+    .join()
+    .unwrap()
+}
