@@ -26,6 +26,9 @@ fn config(scope: &str) -> LabConfig {
         bin_dir,
         verbose: true,
         proxy_args: vec![format!("--socket-lb-scope={scope}")],
+        // A backend port per phase: per-packet flows keep the pod's source port, so a phase reusing an earlier
+        // phase's backend tuple could meet its TIME_WAIT (README, known limits).
+        tcp_ports: vec![8080, 8081, 8082],
         ..LabConfig::default()
     }
 }
@@ -210,7 +213,7 @@ fn ebpf_host_only_pods_go_per_packet() {
     assert_eq!(pods_answered(&probes).len(), 1, "affinity: {:?}", answers_by_pod(&probes));
 
     // kill -9 and restart of node 0's proxy: an established per-packet connection to a remote backend lives.
-    tcp_udp_service(lab, "hold", Family::V4, &["pod-1-0"], json!({}));
+    tcp_udp_service_to(lab, "hold", Family::V4, &["pod-1-0"], 8082, json!({}));
     let hold_addr = lab.service_addr("hold", "tcp").unwrap();
     lab.wait_programmed(client.clone(), Proto::Tcp, hold_addr, &["pod-1-0"], T).unwrap();
     let args: Vec<String> = ["tcp-hold", &hold_addr.to_string(), "--duration-ms", "6000", "--timeout-ms", "3000"]
