@@ -297,6 +297,12 @@ impl TcManager {
             .and_then(|r| r)
             .map_err(io_err("listing interface addresses in the proxy's network namespace"))?;
         let desired = node_devices(&addrs, node_addresses);
+        if desired.is_empty() && !self.swept {
+            // No node device known yet (no Node addresses): what a previous run attached keeps translating
+            // its flows until we know which devices to keep.
+            info!(addresses = ?node_addresses, "no device carries a node address yet; tc programs left as they are");
+            return Ok(());
+        }
         if self.mode == TcAttachMode::Clsact {
             self.attach_clsact(&desired)?;
         } else {

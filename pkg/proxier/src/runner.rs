@@ -73,13 +73,13 @@ impl SyncRunner {
     pub fn run(mut self) {
         let families = self.backend.families().to_vec();
         self.observer.sync_loop_started(&families);
-        tracing::info!(backend = self.backend.name(), "Waiting for Services and EndpointSlices to be listed");
+        tracing::info!(backend = self.backend.name(), "Waiting for Services, EndpointSlices and the Node to be listed");
         while !self.tracker.wait_for_sync(Duration::from_secs(1)) {
             if self.tracker.is_shutdown() {
                 return;
             }
         }
-        tracing::info!("Services and EndpointSlices listed; starting to sync");
+        tracing::info!("Services, EndpointSlices and the Node listed; starting to sync");
 
         let mut need_full = true;
         let mut last_full = Instant::now();

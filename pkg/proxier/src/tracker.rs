@@ -63,8 +63,18 @@ struct State {
     invalid_logged: HashMap<(&'static str, NamespacedName), String>,
     services_synced: bool,
     slices_synced: bool,
+    // The own Node's first list is done (found or not): node addresses feed NodePort and tc attachment,
+    // and a first sync without them would detach what a previous run left attached.
+    node_synced: bool,
     dirty: bool,
     shutdown: bool,
+}
+
+impl State {
+    /// Every initial list is done, so a sync sees the whole state.
+    fn ready(&self) -> bool {
+        self.services_synced && self.slices_synced && self.node_synced
+    }
 }
 
 /// Folds watch events into pending changes; see the module docs.
@@ -141,7 +151,7 @@ impl ChangeTracker {
 
     fn mark_dirty(&self, st: &mut State, families: &[IpFamily]) {
         st.dirty = true;
-        if st.services_synced && st.slices_synced {
+        if st.ready() {
             self.observer.queued(families);
         }
         self.wake.notify_all();
@@ -264,10 +274,16 @@ impl ChangeTracker {
         self.wake.notify_all();
     }
 
-    /// Both Services and EndpointSlices have been listed once.
+    /// The own Node's watch finished its first list (whether or not the Node exists).
+    pub fn node_synced(&self) {
+        let mut st = self.lock();
+        st.node_synced = true;
+        self.wake.notify_all();
+    }
+
+    /// Services, EndpointSlices and the own Node have been listed once.
     pub fn is_synced(&self) -> bool {
-        let st = self.lock();
-        st.services_synced && st.slices_synced
+        self.lock().ready()
     }
 
     /// Changes are pending since the last checkout.
@@ -281,7 +297,7 @@ impl ChangeTracker {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
-            let ready = st.services_synced && st.slices_synced;
+            let ready = st.ready();
             if st.shutdown || (ready && st.dirty) {
                 return ready && st.dirty;
             }
@@ -293,12 +309,12 @@ impl ChangeTracker {
         }
     }
 
-    /// Waits until both initial lists are done; false on timeout or shutdown.
+    /// Waits until every initial list is done; false on timeout or shutdown.
     pub fn wait_for_sync(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
-            if st.services_synced && st.slices_synced {
+            if st.ready() {
                 return true;
             }
             let now = Instant::now();

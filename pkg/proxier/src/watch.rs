@@ -68,6 +68,9 @@ impl Sink<Node> for NodeSink {
     fn delete(&self, _ns: &str, _name: &str) {
         self.0.on_node_delete();
     }
+    fn synced(&self) {
+        self.0.node_synced();
+    }
 }
 
 fn key_of<K: Resource>(obj: &K) -> (String, String) {

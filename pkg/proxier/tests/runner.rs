@@ -84,13 +84,18 @@ impl Drop for Running {
 }
 
 #[test]
-fn nothing_is_synced_until_both_lists_are_done_and_the_first_sync_is_full() {
+fn nothing_is_synced_until_every_list_is_done_and_the_first_sync_is_full() {
     let r = Running::start(Duration::ZERO, Duration::from_secs(30));
     r.tracker.on_service(&service("ns", "a", "198.19.0.1", json!({})));
     r.tracker.services_synced();
     std::thread::sleep(Duration::from_millis(200));
     assert!(r.syncs().is_empty(), "EndpointSlices not listed yet");
     r.tracker.endpoint_slices_synced();
+    // A first sync without the Node would program no node addresses (and detach the tc programs a previous
+    // run left on the node devices).
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(r.syncs().is_empty(), "the Node not listed yet");
+    r.tracker.node_synced();
     let s = r.wait_syncs(1);
     assert_eq!((s[0].1, s[0].2), (true, 1), "first sync is full and carries the service");
 }
@@ -101,6 +106,7 @@ fn bursts_are_coalesced_by_min_sync_period() {
     let r = Running::start(min, Duration::from_secs(30));
     r.tracker.services_synced();
     r.tracker.endpoint_slices_synced();
+    r.tracker.node_synced();
     r.wait_syncs(1);
     // 20 changes in quick succession: at most one sync per min_sync_period.
     let burst = Instant::now();
@@ -130,6 +136,7 @@ fn periodic_sync_and_full_retry_after_failure() {
     let r = Running::start(Duration::ZERO, period);
     r.tracker.services_synced();
     r.tracker.endpoint_slices_synced();
+    r.tracker.node_synced();
     r.wait_syncs(1);
     // With nothing pending, the runner still syncs every sync_period.
     let s = r.wait_syncs(2);

@@ -84,6 +84,7 @@ fn no_op_updates_and_reverted_changes_leave_nothing_pending() {
     h.tracker.on_service(&svc);
     h.tracker.services_synced();
     h.tracker.endpoint_slices_synced();
+    h.tracker.node_synced();
     h.sync(true);
     assert!(!h.tracker.has_pending());
 

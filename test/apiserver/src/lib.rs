@@ -324,6 +324,16 @@ impl ApiServer {
         self.shared.set_bookmark_interval(interval);
     }
 
+    /// Makes every list request for a kind wait `delay` before it is answered (zero: no delay), as a slow or
+    /// overloaded apiserver would; watches are not delayed.
+    pub fn set_list_delay<K>(&self, delay: Duration)
+    where
+        K: k8s_openapi::Resource,
+        K::Scope: 'static,
+    {
+        self.shared.set_list_delay(self.resource_id::<K>(), delay);
+    }
+
     /// List and watch requests served for a kind so far.
     pub fn counts<K>(&self) -> RequestCounts
     where

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) close_tx: watch::Sender<u64>,
     bookmark_interval_ms: AtomicU64,
     pub(crate) default_watch_timeout: Duration,
+    /// Per resource id: how long list requests wait before being answered (a slow apiserver).
+    list_delays: std::sync::Mutex<std::collections::HashMap<usize, Duration>>,
 }
 
 impl Shared {
@@ -47,6 +49,7 @@ impl Shared {
             close_tx: watch::channel(0).0,
             bookmark_interval_ms: AtomicU64::new(0),
             default_watch_timeout,
+            list_delays: Default::default(),
         };
         shared.set_bookmark_interval(bookmark_interval);
         shared
@@ -54,6 +57,19 @@ impl Shared {
 
     pub(crate) fn bookmark_interval(&self) -> Duration {
         Duration::from_millis(self.bookmark_interval_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_list_delay(&self, id: usize, d: Duration) {
+        let mut delays = self.list_delays.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_zero() {
+            delays.remove(&id);
+        } else {
+            delays.insert(id, d);
+        }
+    }
+
+    fn list_delay(&self, id: usize) -> Option<Duration> {
+        self.list_delays.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied()
     }
 
     pub(crate) fn set_bookmark_interval(&self, d: Duration) {
@@ -268,7 +284,12 @@ async fn resource_route(
     let watching = legacy_watch || query.flag("watch").unwrap_or(false);
     match (&method, &target.name) {
         (&Method::GET, _) if watching => watch(shared, &target, &query),
-        (&Method::GET, None) => list(&shared, &target, &query),
+        (&Method::GET, None) => {
+            if let Some(d) = shared.list_delay(target.id) {
+                tokio::time::sleep(d).await;
+            }
+            list(&shared, &target, &query)
+        }
         (&Method::GET, Some(name)) => {
             let ns = target.namespace.as_deref().unwrap_or_default();
             let obj = shared.store.get(target.id, ns, name).ok_or_else(|| ApiError::not_found(&info, name))?;

@@ -15,6 +15,7 @@ use e2e::lab::{
     EXTERNAL_IP4, EXTERNAL_IP6, Ep, Family, Lab, LabConfig, Place, Probe, Proto, answers_by_pod, client_summary,
     pods_answered, scenario::Scenario,
 };
+use k8s_openapi::api::core::v1::Node;
 use serde_json::{Value, json};
 
 /// Bound of waiting for a change to show in the datapath.
@@ -237,12 +238,16 @@ fn node_port_connection_survives_kill_9(mode: &str) {
         ["tcp-hold", &addr.to_string(), "--duration-ms", "6000", "--timeout-ms", "3000"].map(String::from).to_vec();
     let hold = lab.spawn_client(Place::External, &args).unwrap();
     std::thread::sleep(Duration::from_millis(1000));
+    // The restarted proxy lists its Node last: its first sync must wait for it (without the Node's addresses
+    // it would detach the tc programs this connection's replies need).
+    lab.api().set_list_delay::<Node>(Duration::from_millis(1500));
     lab.kill_proxy(0).unwrap();
     assert!(!lab.proxy_running(0));
     std::thread::sleep(Duration::from_millis(1000));
     lab.start_proxy(0).unwrap();
     lab.wait_proxy_healthy(0, T).expect("restarted proxy healthy");
     let out = hold.finish(T).unwrap();
+    lab.api().set_list_delay::<Node>(Duration::ZERO);
     let sum = client_summary(&String::from_utf8_lossy(&out.stdout)).expect("hold summary");
     println!("[{mode}] tcp-hold through a NodePort across kill -9: {sum}");
     assert_eq!(sum["failed"], false, "{sum}");
