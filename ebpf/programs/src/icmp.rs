@@ -33,7 +33,7 @@ use ebpf_common::{
     Addr, CT_DIR_FWD, CT_DIR_REPLY, CT_F_SNAT, CtKey, CtValue, PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, dp_counter,
 };
 
-use super::{KP_CT, count, ifindex};
+use super::{KP_CT, PASS_ON, count, ifindex};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -285,6 +285,7 @@ fn redirect(ctx: &TcContext, s: &mut Scratch, v: &CtValue) -> i32 {
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count(dp_counter::FIB_FAIL);
+    // Already rewritten: the stack takes it as it is (final, like any translated packet).
     TC_ACT_OK as i32
 }
 
@@ -318,12 +319,14 @@ fn translate(ctx: &TcContext, ingress: bool) -> Option<i32> {
         return Some(TC_ACT_SHOT as i32);
     }
     count(dp_counter::XLATE_ICMP_ERROR);
+    // Translated: final, like the TCP/UDP packets of the flow.
     Some(if redirect_it { redirect(ctx, s, v) } else { TC_ACT_OK as i32 })
 }
 
 /// The tc programs' hook for packets that are not TCP/UDP: translates ICMP errors of translated flows and
-/// passes everything else. A BPF subprogram of its own: inlined, its stack would add to the TCP/UDP path's.
+/// passes everything else on to the next tc program ([`PASS_ON`]). A BPF subprogram of its own: inlined,
+/// its stack would add to the TCP/UDP path's.
 #[inline(never)]
 pub(super) fn handle(ctx: &TcContext, ingress: bool) -> i32 {
-    translate(ctx, ingress).unwrap_or(TC_ACT_OK as i32)
+    translate(ctx, ingress).unwrap_or(PASS_ON)
 }

@@ -19,12 +19,18 @@
 //! ICMP errors quoting a translated flow are translated too (`icmp.rs`), so path-MTU discovery works.
 //! Not handled (yet): IP options beyond skipping them, IPv6 extension headers, non-first fragments (passed
 //! untouched), TTL decrement on redirect.
+//!
+//! Verdicts: a packet left untouched gets [`PASS_ON`] (`TC_ACT_UNSPEC`): under tcx that is `TCX_NEXT` (the
+//! next tcx program, then the clsact filters, then the stack), under clsact the next filter runs. Another tc
+//! user on the device (a CNI, an operator's filter, a monitor) thus sees everything we do not handle. A
+//! packet we translated, redirected, answered or dropped gets a final verdict (`TC_ACT_OK`, the redirect
+//! helpers' `TC_ACT_REDIRECT`, `TC_ACT_SHOT`): it must not be rewritten or dropped again behind us.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{classifier, map},
@@ -82,6 +88,8 @@ const REFRESH_NS: u64 = NSEC_PER_SEC;
 const REUSE_AFTER_NS: u64 = NSEC_PER_SEC;
 /// IPv4 header checksum offset.
 const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
+/// Verdict for packets we leave untouched: run the next tc program / filter (see the module documentation).
+const PASS_ON: i32 = TC_ACT_UNSPEC;
 
 /// A parsed TCP/UDP packet.
 struct Pkt {
@@ -220,6 +228,7 @@ fn fib_redirect(ctx: &TcContext, p: &Pkt, v: &CtValue, ifindex: u32) -> i32 {
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count(dp_counter::FIB_FAIL);
+    // Already rewritten: the stack takes it as it is (final, like any translated packet).
     TC_ACT_OK as i32
 }
 
@@ -312,6 +321,7 @@ fn apply(ctx: &TcContext, p: &Pkt, v: &CtValue, redirect: bool) -> i32 {
     if !rewrite(ctx, p, v) {
         return TC_ACT_SHOT as i32;
     }
+    // Translated: final, so nothing behind us sees (or rewrites) the packet again.
     if redirect { fib_redirect(ctx, p, v, ifindex(ctx)) } else { TC_ACT_OK as i32 }
 }
 
@@ -543,10 +553,10 @@ fn ingress(ctx: &TcContext, pod: bool) -> i32 {
     }
     match new_flow(ctx, &p, now, pod) {
         // Found right away unless evicted in between; then the packet goes on untranslated.
-        Some(FLOW_CREATED) => existing_flow(ctx, &p, now).unwrap_or(TC_ACT_OK as i32),
+        Some(FLOW_CREATED) => existing_flow(ctx, &p, now).unwrap_or(PASS_ON),
         Some(FLOW_REJECT) => reject::send(ctx, &p),
         Some(verdict) => verdict,
-        None => TC_ACT_OK as i32,
+        None => PASS_ON,
     }
 }
 
@@ -562,7 +572,7 @@ fn egress(ctx: &TcContext) -> i32 {
         // Already routed out of this device: only the source (and the port) change.
         return apply(ctx, &p, &val, false);
     }
-    TC_ACT_OK as i32
+    PASS_ON
 }
 
 /// tc ingress of node devices.

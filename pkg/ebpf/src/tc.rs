@@ -17,7 +17,8 @@
 //!   priority, handle and program name (`kp_tc_*`), which is how stale ones and `--cleanup` find only ours.
 //!
 //! Switching modes attaches the new way first and removes the old one after: tcx runs before clsact
-//! filters and our programs end the hook (`TC_ACT_OK`), so a device is never without a program.
+//! filters, and a packet the first of our programs translates ends the hook there (untouched packets go on,
+//! `TC_ACT_UNSPEC`, and are left alone by the second too), so a device is never without a program.
 //! `KP_NODE_ADDRS` gets each device's node address per family: the SNAT source for remote backends.
 
 use std::collections::BTreeMap;
@@ -47,7 +48,7 @@ pub const TC_ATTACH_ENV: &str = "KUBE_PROXY_RS_TC_ATTACH";
 
 /// Priority (`pref` in `tc filter show`) of our clsact filters: 0x4b50 ("KP"), far from the values tools
 /// use (Cilium's default 1, tc's automatic 49152 counting down), so we never take over a foreign
-/// priority. Lower runs first; our programs end the hook for every packet (`TC_ACT_OK`).
+/// priority. Lower runs first; packets our programs leave untouched go on to later filters (`TC_ACT_UNSPEC`).
 pub const CLSACT_PRIORITY: u16 = 0x4b50;
 /// Handle of our clsact filters on node devices (ingress and egress).
 pub const NODE_FILTER_HANDLE: u32 = 0x4b01;

@@ -1,6 +1,7 @@
 //! Privileged tests of the clsact attachment (the tc path of kernels without tcx), forced with
 //! `TcAttachMode::Clsact` on this kernel: NodePort traffic through netlink filters, restarts and mode
-//! switches that keep a connection alive, stale-filter removal and `cleanup_tc_filters`.
+//! switches that keep a connection alive, stale-filter removal and `cleanup_tc_filters`; and, with tcx links
+//! too, that packets our programs leave untouched go on to a later tc user's filters (`TC_ACT_UNSPEC`).
 //!
 //! Topology (every namespace created here, removed on drop, also on panic):
 //! - `ext`: bridge `br0` 198.18.0.200/24 (the external client);
@@ -56,6 +57,10 @@ struct ClsLab {
 
 impl ClsLab {
     fn new(test: &str, scope: SocketLbScope) -> Option<ClsLab> {
+        Self::with_mode(test, scope, TcAttachMode::Clsact)
+    }
+
+    fn with_mode(test: &str, scope: SocketLbScope, mode: TcAttachMode) -> Option<ClsLab> {
         if let Some(reason) = skip_reason() {
             println!("SKIP {test}: {reason}");
             return None;
@@ -70,7 +75,7 @@ impl ClsLab {
             node: format!("kpcl-n-{tag}"),
             pod2: format!("kpcl-q-{tag}"),
             scope,
-            mode: TcAttachMode::Clsact,
+            mode,
             created: Vec::new(),
             cgroup: detect_cgroup2_mount().unwrap().join(format!("kp-cls-test-{tag}")),
             bpffs: PathBuf::from(format!("/sys/fs/bpf/kp-cls-test-{tag}")),
@@ -480,4 +485,165 @@ fn clsact_pod_devices_stale_filters_and_cleanup() {
     assert!(tc(&["-n", &node, "qdisc", "show", "dev", "vpod"]).contains("clsact"), "qdisc in use kept");
     assert!(!tc(&["-n", &node, "qdisc", "show", "dev", "vpod2"]).contains("clsact"), "our qdisc removed");
     assert!(EbpfBackend::cleanup_tc_filters(&netns(&node)).unwrap().is_empty(), "nothing left of ours");
+}
+
+/// The node device's later tc user: u32 filters behind ours (pref above [`CLSACT_PRIORITY`]; under tcx the
+/// clsact chain runs after the links), each counting what it matches with a `mirred` mirror to the spare
+/// veth `obs0` (whose peer drops the copies). This kernel has neither matchall nor gact: u32 + mirred it has.
+struct Observer {
+    ns: String,
+}
+
+/// Ingress observers: (pref, u32 selector). Offsets assume 20-byte IPv4 headers (the lab sends no options).
+const OBS_INGRESS: [(u16, &str); 5] = [
+    (49000, "match ip protocol 6 0xff match u16 9 0xffff at 22"),
+    (49001, "match ip protocol 17 0xff match u16 9 0xffff at 22"),
+    (49002, "match ip protocol 1 0xff"),
+    // Translated packets as they leave our program: a forward after DNAT, a reply after un-SNAT.
+    (49003, "match ip protocol 6 0xff match u16 8080 0xffff at 22"),
+    (49004, "match ip protocol 6 0xff match u16 30080 0xffff at 20"),
+];
+/// Egress observers, as [`OBS_INGRESS`]; 49103 is a local backend's reply after its source rewrite. Their
+/// own prefs: u32 keeps one set of hash tables per qdisc, and a dump of either hook shows both hooks' filters.
+const OBS_EGRESS: [(u16, &str); 4] = [
+    (49100, "match ip protocol 6 0xff match u16 9 0xffff at 20"),
+    (49101, "match ip protocol 17 0xff match u16 9 0xffff at 22"),
+    (49102, "match ip protocol 1 0xff"),
+    (49103, "match ip protocol 6 0xff match u16 30080 0xffff at 20"),
+];
+
+impl Observer {
+    /// Adds the observers to `eth0` of `ns` (and the clsact qdisc, when tcx left it absent). They go with
+    /// the namespace, which the lab's `Drop` deletes.
+    fn add(ns: &str) -> Observer {
+        run("ip", &["-n", ns, "link", "add", "obs0", "type", "veth", "peer", "name", "obs1"]);
+        run("ip", &["-n", ns, "link", "set", "obs0", "up"]);
+        run("ip", &["-n", ns, "link", "set", "obs1", "up"]);
+        if !tc(&["-n", ns, "qdisc", "show", "dev", "eth0"]).contains("clsact") {
+            tc(&["-n", ns, "qdisc", "add", "dev", "eth0", "clsact"]);
+        }
+        for (hook, list) in [("ingress", &OBS_INGRESS[..]), ("egress", &OBS_EGRESS[..])] {
+            for (pref, sel) in list {
+                let pref = pref.to_string();
+                let mut args = vec!["-n", ns, "filter", "add", "dev", "eth0", hook, "pref", &pref, "protocol", "ip"];
+                args.push("u32");
+                args.extend(sel.split_whitespace());
+                args.extend(["action", "mirred", "egress", "mirror", "dev", "obs0"]);
+                tc(&args);
+            }
+        }
+        Observer { ns: ns.to_string() }
+    }
+
+    /// Packets the observer at `pref` on `hook` counted (its mirred action's statistics).
+    fn count(&self, hook: &str, pref: u16) -> u64 {
+        let out = tc(&["-n", &self.ns, "-s", "-j", "filter", "show", "dev", "eth0", hook]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("tc json {e}: {out}"));
+        let mut found = None;
+        for f in v.as_array().into_iter().flatten().filter(|f| f["pref"] == pref) {
+            for a in f["options"]["actions"].as_array().into_iter().flatten() {
+                *found.get_or_insert(0) += a["stats"]["packets"].as_u64().unwrap_or(0);
+            }
+        }
+        found.unwrap_or_else(|| panic!("no observer {hook} pref {pref}: {out}"))
+    }
+
+    /// Every observer's count, `hook/pref=n`, for failure messages.
+    fn all(&self) -> String {
+        let ing = OBS_INGRESS.iter().map(|(p, _)| format!("ingress/{p}={}", self.count("ingress", *p)));
+        let eg = OBS_EGRESS.iter().map(|(p, _)| format!("egress/{p}={}", self.count("egress", *p)));
+        ing.chain(eg).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// `n` TCP connects from `from` to a port nothing listens on: each must be refused (by the peer's stack).
+fn tcp_refused(from: &str, addr: &str, port: u16, n: usize) {
+    let sa = SocketAddr::new(addr.parse().unwrap(), port);
+    for i in 0..n {
+        let r = in_ns(from, move || TcpStream::connect_timeout(&sa, IO_TIMEOUT).map(|_| ()));
+        let e = r.expect_err("nothing listens there");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "connect {i} to {sa}: {e}");
+    }
+}
+
+/// `n` datagrams from `from` to `addr:port` (a closed port: the peer's stack answers port unreachable).
+fn udp_to_closed(from: &str, addr: &str, port: u16, n: usize) {
+    let sa = SocketAddr::new(addr.parse().unwrap(), port);
+    in_ns(from, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..n {
+            // Unconnected: a queued port unreachable never fails the next send.
+            s.send_to(b"x", sa).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+/// Waits (bounded) until the observer at `hook`/`pref` counted at least `min` packets.
+fn wait_count(obs: &Observer, hook: &str, pref: u16, min: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while obs.count(hook, pref) < min {
+        assert!(Instant::now() < deadline, "{what}: {hook}/{pref} below {min}; counts: {}", obs.all());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Packets our programs leave untouched reach a later tc user on the node device; packets they translate
+/// or redirect do not (their verdict is final), and Service traffic keeps working with the observer there.
+fn untouched_packets_reach_later_filters(test: &str, mode: TcAttachMode) {
+    let Some(mut lab) = ClsLab::with_mode(test, SocketLbScope::All, mode) else { return };
+    match mode {
+        TcAttachMode::Tcx => assert_eq!(lab.link_pins().len(), 2, "{:?}", lab.link_pins()),
+        _ => assert_eq!(lab.our_filters("eth0", "ingress").len(), 1, "{}", lab.filters("eth0", "ingress")),
+    }
+    let obs = Observer::add(&lab.node);
+    let (ext, node) = (lab.ext.clone(), lab.node.clone());
+    let n = 3;
+
+    // Not a Service: TCP and UDP to port 9 of the node (ingress parse → no frontend; egress: the node's
+    // resets and port unreachables, no conntrack entry / not of a translated flow).
+    tcp_refused(&ext, NODE_IP, 9, n);
+    wait_count(&obs, "ingress", 49000, n as u64, "SYNs to a non-Service port");
+    wait_count(&obs, "egress", 49100, n as u64, "the node's resets");
+    udp_to_closed(&ext, NODE_IP, 9, n);
+    wait_count(&obs, "ingress", 49001, n as u64, "datagrams to a non-Service port");
+    // The kernel rate-limits its ICMP errors: at least one.
+    wait_count(&obs, "egress", 49102, 1, "the node's port unreachables");
+    // From the node: its datagrams leave untouched, the client's port unreachable comes in untouched.
+    udp_to_closed(&node, CLIENT_IP, 9, n);
+    wait_count(&obs, "egress", 49101, n as u64, "the node's datagrams");
+    wait_count(&obs, "ingress", 49002, 1, "the client's port unreachables");
+
+    // NodePort with a local endpoint: the DNATed forwards and source-rewritten replies end at our programs.
+    let tcp = name("np", Protocol::Tcp);
+    lab.apply(&tcp, vec![ep(POD_IP, true)], node_port);
+    for _ in 0..n {
+        let l = lab.tcp_from(&lab.ext, NODE_IP, NODE_PORT).expect("NodePort answers (local endpoint)");
+        assert_eq!(field(&l, "backend="), Some(POD_IP), "{l}");
+        assert_eq!(peer_ip(&l), CLIENT_IP, "{l}");
+    }
+    for (hook, pref) in [("ingress", 49003), ("egress", 49103)] {
+        assert_eq!(obs.count(hook, pref), 0, "translated packets passed on ({hook}/{pref}): {}", obs.all());
+    }
+    // NodePort with a remote endpoint: SNATed forwards and un-SNATed replies are redirected. (The redirected
+    // replies then leave through eth0's egress, which has nothing to do for them: not checked there.)
+    lab.apply(&tcp, vec![ep(REMOTE_IP, false)], node_port);
+    for _ in 0..n {
+        let l = lab.tcp_from(&lab.ext, NODE_IP, NODE_PORT).expect("NodePort answers (remote endpoint)");
+        assert_eq!(field(&l, "backend="), Some(REMOTE_IP), "{l}");
+        assert_eq!(peer_ip(&l), NODE_IP, "{l}");
+    }
+    for (hook, pref) in [("ingress", 49003), ("ingress", 49004)] {
+        assert_eq!(obs.count(hook, pref), 0, "translated packets passed on ({hook}/{pref}): {}", obs.all());
+    }
+}
+
+#[test]
+fn tcx_untouched_packets_reach_later_tc_filters() {
+    untouched_packets_reach_later_filters("tcx_untouched_packets_reach_later_tc_filters", TcAttachMode::Tcx);
+}
+
+#[test]
+fn clsact_untouched_packets_reach_later_tc_filters() {
+    untouched_packets_reach_later_filters("clsact_untouched_packets_reach_later_tc_filters", TcAttachMode::Clsact);
 }
