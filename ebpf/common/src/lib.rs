@@ -139,11 +139,12 @@ pub const SRC_RANGES_MAX_ENTRIES: u32 = 65536;
 /// SNAT source ports for remote backends: `SNAT_PORT_MIN..=SNAT_PORT_MAX`. Above the NodePort range
 /// (30000–32767) like Cilium's `NODEPORT_PORT_MAX + 1`, but also above Linux's default ephemeral range
 /// (`ip_local_port_range` 32768–60999), so a NAT'ed flow never shares a tuple with a local socket's
-/// connection to the same backend. Uniqueness is per (node address, backend, protocol).
+/// connection to the same backend. Uniqueness is per (node address, backend, protocol). Flows without SNAT
+/// whose reply tuple is taken get their client port remapped into the same range (per client address).
 pub const SNAT_PORT_MIN: u16 = 61000;
 /// See [`SNAT_PORT_MIN`].
 pub const SNAT_PORT_MAX: u16 = 65535;
-/// Random probes for a free SNAT port before the flow is dropped (and counted).
+/// Random probes for a free SNAT (or remapped) port before the flow is dropped (and counted).
 pub const SNAT_PORT_RETRIES: u32 = 16;
 
 /// Scope of a service entry: the cluster-wide set of backends (also the lookup point of every frontend).
@@ -504,8 +505,15 @@ pub mod dp_counter {
     pub const REJECT_RATE_LIMITED: u32 = 11;
     /// SNAT ports taken over from closed flows (see [`super::CT_F_REUSABLE`]).
     pub const SNAT_PORT_REUSED: u32 = 12;
+    /// New flows without SNAT (pods bypassing socket LB, `externalTrafficPolicy: Local`, local backends)
+    /// whose reply tuple another flow held (the same client port to the same backend through another
+    /// frontend, or a closed flow's lingering entries): the client's source port was remapped to a free
+    /// port of the SNAT range, the address kept, as netfilter's NAT does.
+    pub const PORT_REMAPPED: u32 = 13;
+    /// Such flows dropped because no port was free for the (client address, backend, protocol).
+    pub const PORT_REMAP_EXHAUSTED: u32 = 14;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     /// Metric-friendly names, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "ct_insert",
@@ -521,6 +529,8 @@ pub mod dp_counter {
         "reject_sent",
         "reject_rate_limited",
         "snat_port_reused",
+        "port_remapped",
+        "port_remap_exhausted",
     ];
 }
 

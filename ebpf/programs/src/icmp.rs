@@ -6,7 +6,9 @@
 //! The entry's values are what the error's receiver knows: outer source → the entry's new source, outer
 //! destination → its new destination, quoted source → its new destination (address and port), quoted
 //! destination → its new source. E.g. a port unreachable from a SNATed backend about `node:snat → backend`
-//! becomes `frontend → client` about `client → frontend`.
+//! becomes `frontend → client` about `client → frontend`. A flow whose client port was remapped (no SNAT,
+//! reply tuple clash) is no different: the backend quotes `client:remapped → backend`, which finds the reply
+//! entry at the remapped port, and the quote becomes `client:port → frontend` again.
 //!
 //! Checksums are updated incrementally (RFC 1624), never recomputed: the quoted IPv4 header's, the quoted
 //! TCP/UDP checksum when it is quoted (RFC 792 guarantees only 8 bytes), the ICMP checksum (ICMPv6: with the

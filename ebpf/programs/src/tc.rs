@@ -15,6 +15,13 @@
 //! Egress: replies of local backends (no SNAT) leave through the node device; a reply entry rewrites their
 //! source back to the frontend.
 //!
+//! Reply tuples are unique, as in netfilter's NAT: a flow without SNAT keeps the client's address and port
+//! unless another flow already holds its reply tuple (backend → client:port), e.g. one client port to one
+//! backend through two frontends (two Services sharing it, a ClusterIP and a NodePort of one Service, a UDP
+//! socket `sendto`ing several VIPs), or a closed flow whose tuple the backend may still hold in TIME_WAIT.
+//! Then the client's source port is remapped to a free port of the SNAT range (`PORT_REMAPPED`); the
+//! backend sees the client's address with that port, and both flows live side by side.
+//!
 //! Both families share the code: addresses are in the 16-byte map form; IPv4 only touches the last word.
 //! ICMP errors quoting a translated flow are translated too (`icmp.rs`), so path-MTU discovery works.
 //! Not handled (yet): IP options beyond skipping them, IPv6 extension headers, non-first fragments (passed
@@ -90,6 +97,8 @@ const REUSE_AFTER_NS: u64 = NSEC_PER_SEC;
 const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
 /// Verdict for packets we leave untouched: run the next tc program / filter (see the module documentation).
 const PASS_ON: i32 = TC_ACT_UNSPEC;
+/// `bpf_map_update_elem`'s error for `BPF_NOEXIST` on an existing key.
+const EEXIST: i32 = 17;
 
 /// A parsed TCP/UDP packet.
 struct Pkt {
@@ -305,6 +314,46 @@ fn try_reuse(rkey: &CtKey, now: u64) -> bool {
     }
 }
 
+/// A random port of `SNAT_PORT_MIN..=SNAT_PORT_MAX` (network byte order is applied by the caller).
+#[inline(always)]
+fn random_port() -> u16 {
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
+}
+
+/// Inserts reply entry `rev` at `rkey` with a free destination port, i.e. the flow's new source port towards
+/// the backend: `first`, then random ports of the SNAT range, [`SNAT_PORT_RETRIES`] tries in all, each a
+/// `BPF_NOEXIST` insert. With `reuse` (SNAT only), a port held by a closed flow that left no TIME_WAIT at the
+/// backend is taken over ([`try_reuse`]). On success `rkey.dport` holds the port.
+#[inline(always)]
+fn alloc_port(rkey: &mut CtKey, rev: &CtValue, first: u16, now: u64, reuse: bool) -> bool {
+    let mut port = first;
+    for _ in 0..SNAT_PORT_RETRIES {
+        rkey.dport = port.to_be();
+        if KP_CT.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            return true;
+        }
+        if reuse && try_reuse(rkey, now) && KP_CT.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            count(dp_counter::SNAT_PORT_REUSED);
+            return true;
+        }
+        port = random_port();
+    }
+    false
+}
+
+/// Whether reply entry `v` is the one the flow of first packet `p` makes: it translates back to `p`'s
+/// frontend and client.
+#[inline(always)]
+fn is_reply_of(v: &CtValue, p: &Pkt) -> bool {
+    // Word by word: a whole-array comparison may become a `bcmp` call, which BPF has no lowering for.
+    let mut same = v.nat_sport == p.dport && v.nat_dport == p.sport;
+    for i in 0..4 {
+        same &= v.nat_saddr[i] == p.daddr[i] && v.nat_daddr[i] == p.saddr[i];
+    }
+    same
+}
+
 #[inline(always)]
 fn ct_key(p: &Pkt, dir: u8) -> CtKey {
     CtKey { saddr: p.saddr, daddr: p.daddr, sport: p.sport, dport: p.dport, proto: p.proto, dir, _pad: [0; 2] }
@@ -360,6 +409,9 @@ fn pick_backend(key: &mut ServiceKey, master: &ServiceValue, client: &Addr, now:
 /// the socket LB. Pod-facing devices (`pod == true`) serve every frontend with the socket LB's scope and
 /// policy (`lb_select` in main.rs), for pods whose sockets bypass socket LB: DNAT only (pod IPs are
 /// routable), except a hairpin (a pod reaching itself), which is also source-NATed to the frontend.
+///
+/// Without SNAT the reply entry takes the client's own tuple if it is free or already this flow's, else
+/// the client's port is remapped (module documentation); SNAT and remapping share [`alloc_port`].
 ///
 /// Returns [`FLOW_CREATED`] once the conntrack pair is in; the caller then applies the forward entry. Not
 /// inlined: its frame and `icmp::handle`'s are never live together, so the call chain stays within the
@@ -445,6 +497,8 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64, pod: bool) -> Option<i32> {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
+    // `Some(first port to try)` when the reply entry needs a port allocated: SNAT, or a clash without SNAT.
+    let mut alloc: Option<u16> = None;
     if hairpin {
         // Source-NAT to the frontend address with the client's port: unique per (pod, port), no allocation.
         rkey.daddr = p.daddr;
@@ -461,39 +515,39 @@ fn new_flow(ctx: &TcContext, p: &Pkt, now: u64, pod: bool) -> Option<i32> {
             return Some(TC_ACT_SHOT as i32);
         };
         rkey.daddr = *node;
-        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
         // Deterministic first (as Cilium): the client's own port when it lies in the range, so one client's
         // flows map 1:1; then random ports. A port held by a closed flow is reused (`try_reuse`).
         let own = u16::from_be(p.sport);
-        let mut port = if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&own) {
-            own
-        } else {
-            (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16
-        };
-        let mut found = false;
-        for _ in 0..SNAT_PORT_RETRIES {
-            rkey.dport = port.to_be();
-            if KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
-                found = true;
-                break;
-            }
-            if try_reuse(&rkey, now) && KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
-                count(dp_counter::SNAT_PORT_REUSED);
-                found = true;
-                break;
-            }
-            port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
-        }
-        if !found {
-            count(dp_counter::SNAT_EXHAUSTED);
+        alloc = Some(if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&own) { own } else { random_port() });
+    } else if let Err(e) = KP_CT.insert(&rkey, &rev, BPF_NOEXIST as u64) {
+        if e != -EEXIST {
+            count(dp_counter::CT_INSERT_FAIL);
             return Some(TC_ACT_SHOT as i32);
         }
-        fwd.nat_saddr = rkey.daddr;
+        // The client's own reply tuple is taken. By this very flow (its first packet racing on another CPU,
+        // or its forward entry re-created): keep it. By another flow — the same client port to the same
+        // backend through another frontend, or a closed flow whose tuple the backend may still hold in
+        // TIME_WAIT — remap the source port (the address stays), as nf_nat does; never take over a closed
+        // flow's port here. Gone in between: the client's port again.
+        match unsafe { KP_CT.get(&rkey) } {
+            Some(cur) if is_reply_of(cur, p) => {}
+            Some(_) => alloc = Some(random_port()),
+            None => alloc = Some(u16::from_be(p.sport)),
+        }
+    }
+    if let Some(first) = alloc {
+        if !alloc_port(&mut rkey, &rev, first, now, snat) {
+            count(if snat { dp_counter::SNAT_EXHAUSTED } else { dp_counter::PORT_REMAP_EXHAUSTED });
+            return Some(TC_ACT_SHOT as i32);
+        }
+        // The rewrites carry any port change: `rewrite` compares each port with the entry's.
         fwd.nat_sport = rkey.dport;
-        fwd.flags = CT_F_SNAT;
-    } else if KP_CT.insert(&rkey, &rev, 0).is_err() {
-        count(dp_counter::CT_INSERT_FAIL);
-        return Some(TC_ACT_SHOT as i32);
+        if snat {
+            fwd.nat_saddr = rkey.daddr;
+            fwd.flags = CT_F_SNAT;
+        } else if rkey.dport != p.sport {
+            count(dp_counter::PORT_REMAPPED);
+        }
     }
     if KP_CT.insert(&ct_key(p, CT_DIR_FWD), &fwd, 0).is_err() {
         let _ = KP_CT.remove(&rkey);

@@ -5,7 +5,9 @@
 //! by protocol and state (Cilium's: TCP established 6 h, TCP before the reply and non-TCP 60 s, TCP after
 //! FIN/RST 10 s) — and deletes both entries of expired flows. An entry is re-read right before deletion
 //! and kept if the datapath touched it meanwhile, so a flow with traffic inside its lifetime is never
-//! removed. Orphans (partner evicted by the LRU) age alone.
+//! removed. Orphans (partner evicted by the LRU) age alone. A flow whose client port the datapath remapped
+//! (a reply tuple clash without SNAT) pairs the same way: its forward entry's new source port is the
+//! remapped one, which is where its reply entry lives.
 //!
 //! The interval adapts like Cilium's: ×0.5 when a pass deleted more than 25% of the entries (down to
 //! [`GC_MIN_INTERVAL`]), ×1.5 when under 5% (up to [`GC_MAX_INTERVAL`]). Results are published in
@@ -383,6 +385,49 @@ mod tests {
         assert_eq!(pk.dir, CT_DIR_REPLY);
         assert_eq!(pv.partner(&pk), k);
         assert_eq!(v.partner(&k), pk);
+    }
+
+    #[test]
+    fn a_remapped_flow_pairs_with_its_own_reply_entry() {
+        // Client C:1000 reaches backend B:8080 through two frontends; the second flow got port 61234 as
+        // `new_flow` builds it. Each entry's partner is its own flow's, never the other flow's.
+        let (c, b) = ([0, 0, 0, 1], [0, 0, 0, 2]);
+        let flow = |fe: u32, sport: u16| {
+            let k = CtKey {
+                saddr: c,
+                daddr: [0, 0, 0, fe],
+                sport: 1000,
+                dport: 80,
+                proto: PROTO_UDP,
+                dir: CT_DIR_FWD,
+                _pad: [0; 2],
+            };
+            let v = CtValue { nat_saddr: c, nat_daddr: b, nat_sport: sport, nat_dport: 8080, ..Default::default() };
+            let rk = CtKey {
+                saddr: b,
+                daddr: c,
+                sport: 8080,
+                dport: sport,
+                proto: PROTO_UDP,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            let rv = CtValue {
+                nat_saddr: [0, 0, 0, fe],
+                nat_daddr: c,
+                nat_sport: 80,
+                nat_dport: 1000,
+                ..Default::default()
+            };
+            (k, v, rk, rv)
+        };
+        let (k1, v1, rk1, rv1) = flow(10, 1000);
+        let (k2, v2, rk2, rv2) = flow(11, 61234);
+        assert_ne!(rk1, rk2);
+        for (k, v, rk, rv) in [(k1, v1, rk1, rv1), (k2, v2, rk2, rv2)] {
+            assert_eq!(v.partner(&k), rk);
+            assert_eq!(rv.partner(&rk), k);
+        }
     }
 
     #[test]

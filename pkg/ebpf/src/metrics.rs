@@ -9,7 +9,8 @@
 //! - `kubeproxy_ebpf_map_entries{map}`
 //! - `kubeproxy_ebpf_map_memory_bytes{map}`
 //! - `kubeproxy_ebpf_datapath_events_total{event}`: the tc programs' counters (conntrack inserts and
-//!   insert failures, SNAT port exhaustion, drops for no endpoint / source range, translated packets, …)
+//!   insert failures, SNAT port exhaustion, drops for no endpoint / source range, translated packets,
+//!   client ports remapped on reply-tuple clashes (`port_remapped`, `port_remap_exhausted`), …)
 //! - `kubeproxy_ebpf_conntrack_entries`, `kubeproxy_ebpf_conntrack_map_pressure` (entries / capacity),
 //!   `kubeproxy_ebpf_conntrack_gc_runs_total`, `kubeproxy_ebpf_conntrack_gc_deleted_total`,
 //!   `kubeproxy_ebpf_conntrack_gc_pressure_runs_total`: from the conntrack GC (the entry count is the one of

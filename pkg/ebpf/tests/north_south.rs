@@ -18,8 +18,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1044,4 +1044,268 @@ fn host_only_pods_refused_without_endpoints_per_packet() {
     let out = lab.client(&pod2, &[("tcp", "198.19.1.1", 80)]);
     assert!(out[0].starts_with("tcp err=") && !out[0].ends_with(REFUSED), "{out:?}");
     assert_eq!(lab.dp_events().get("reject_sent"), Some(&2));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One client port, two frontends of one backend: reply-tuple clashes are resolved by remapping the client's
+// source port (as netfilter's nf_nat does), so both flows live at once.
+// ---------------------------------------------------------------------------------------------------------
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A socket of type `ty` (`SOCK_STREAM` / `SOCK_DGRAM`) with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to
+/// `local` in the calling thread's namespace, with [`IO_TIMEOUT`] on sends (which bounds a blocking
+/// `connect()` too) and receives.
+fn reuse_bound(ty: i32, local: SocketAddrV4) -> Result<OwnedFd, String> {
+    let err = |what: &str| format!("{what} {local}: {}", std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on a socket this function owns; every struct is fully initialised.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(err("socket"));
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let tv = libc::timeval { tv_sec: IO_TIMEOUT.as_secs() as _, tv_usec: IO_TIMEOUT.subsec_micros() as _ };
+        let set = |opt: i32, val: *const libc::c_void, len: usize| {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
+        };
+        let int = (&one as *const libc::c_int).cast();
+        let time = (&tv as *const libc::timeval).cast();
+        if !set(libc::SO_REUSEADDR, int, 4)
+            || !set(libc::SO_REUSEPORT, int, 4)
+            || !set(libc::SO_SNDTIMEO, time, std::mem::size_of::<libc::timeval>())
+            || !set(libc::SO_RCVTIMEO, time, std::mem::size_of::<libc::timeval>())
+        {
+            return Err(err("setsockopt"));
+        }
+        let sa = sockaddr_in(local);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(err("bind"));
+        }
+        Ok(fd)
+    }
+}
+
+/// Connects a [`reuse_bound`] TCP socket to `to` (bounded by its send timeout).
+fn tcp_connect_bound(local: SocketAddrV4, to: SocketAddrV4) -> Result<TcpStream, String> {
+    let fd = reuse_bound(libc::SOCK_STREAM, local)?;
+    let sa = sockaddr_in(to);
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid socket and address.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(format!("connect {local} → {to}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// The `peer=` of an echo server's answer: the client address and port the backend saw.
+fn answer_peer(line: &str) -> Result<SocketAddrV4, String> {
+    field(line, "peer=").and_then(|p| p.parse().ok()).ok_or_else(|| format!("no peer in answer {line:?}"))
+}
+
+/// What the backend saw as the peer of each flow of [`one_port_two_frontends`].
+#[derive(Debug)]
+struct SharedPortPeers {
+    udp: [SocketAddrV4; 2],
+    tcp: [SocketAddrV4; 2],
+}
+
+/// In namespace `ns`, ONE source port `client` talks to two frontends `fe` of Services sharing one backend
+/// (the echo servers), both flows alive at once:
+/// - UDP: one unconnected socket `sendto`s each frontend in turn, twice; every answer must come from the
+///   frontend it was sent to (`recvfrom`) and each flow must keep the port the backend saw first;
+/// - TCP: two sockets bound to the same port (`SO_REUSEADDR|SO_REUSEPORT`; the 4-tuples differ) connect to
+///   the two frontends and exchange lines alternately.
+fn one_port_two_frontends(ns: &str, client: SocketAddrV4, fe: [SocketAddrV4; 2]) -> Result<SharedPortPeers, String> {
+    in_ns(ns, move || {
+        let udp = UdpSocket::from(reuse_bound(libc::SOCK_DGRAM, client)?);
+        let mut udp_peers: [Option<SocketAddrV4>; 2] = [None; 2];
+        for round in 0..2 {
+            for (i, to) in fe.iter().enumerate() {
+                udp.send_to(b"ping", to).map_err(|e| format!("UDP send {client} → {to}: {e}"))?;
+                let mut buf = [0u8; 128];
+                let (n, from) = udp
+                    .recv_from(&mut buf)
+                    .map_err(|e| format!("UDP {client} → {to} (round {round}): no answer: {e}"))?;
+                let line = String::from_utf8_lossy(&buf[..n]).to_string();
+                if from != SocketAddr::V4(*to) {
+                    return Err(format!("UDP {client} → {to} (round {round}): answered from {from}: {line}"));
+                }
+                let peer = answer_peer(&line)?;
+                if udp_peers[i].is_some_and(|p| p != peer) {
+                    return Err(format!("UDP flow to {to} changed its port: {udp_peers:?} then {peer}"));
+                }
+                udp_peers[i] = Some(peer);
+            }
+        }
+        let mut conns = Vec::new();
+        let mut tcp_peers = Vec::new();
+        for to in fe {
+            let s = tcp_connect_bound(client, to)?;
+            let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| format!("TCP {client} → {to}: no greeting: {e}"))?;
+            tcp_peers.push(answer_peer(&line)?);
+            conns.push((to, s, r));
+        }
+        for round in 0..2 {
+            for (to, w, r) in conns.iter_mut() {
+                let msg = format!("round {round} to {to}");
+                writeln!(w, "{msg}").map_err(|e| format!("TCP write to {to}: {e}"))?;
+                let mut line = String::new();
+                r.read_line(&mut line).map_err(|e| format!("TCP {client} → {to} ({msg}): {e}"))?;
+                if line.trim() != msg {
+                    return Err(format!("TCP {client} → {to}: sent {msg:?}, got {line:?}"));
+                }
+            }
+        }
+        Ok(SharedPortPeers { udp: [udp_peers[0].unwrap(), udp_peers[1].unwrap()], tcp: [tcp_peers[0], tcp_peers[1]] })
+    })
+}
+
+/// In namespace `ns`, two connected UDP sockets bound to the same port `client` send to frontends `fe`
+/// whose shared backend port has no listener, in the order 0, 1, 0. Each must read `ECONNREFUSED`: the
+/// kernel hands the backend's port unreachable to a connected socket only when the error's quote names that
+/// socket's own frontend and port, i.e. when the tc program translated the error of that very flow.
+fn one_port_two_refusals(ns: &str, client: SocketAddrV4, fe: [SocketAddrV4; 2]) -> Result<(), String> {
+    in_ns(ns, move || {
+        let mut socks = Vec::new();
+        for to in fe {
+            let s = UdpSocket::from(reuse_bound(libc::SOCK_DGRAM, client)?);
+            s.connect(to).map_err(|e| format!("UDP connect {client} → {to}: {e}"))?;
+            socks.push(s);
+        }
+        for i in [0, 1, 0] {
+            let to = fe[i];
+            socks[i].send(b"ping").map_err(|e| format!("UDP send {client} → {to}: {e}"))?;
+            match socks[i].recv(&mut [0u8; 64]) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                other => return Err(format!("UDP {client} → {to}: wanted ECONNREFUSED, got {other:?}")),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Asserts the frontend-side peers of [`one_port_two_frontends`]: the first flow keeps the client's own
+/// tuple, the second is remapped to another source port of the SNAT range; the address stays the client's.
+fn assert_first_kept_second_remapped(peers: &[SocketAddrV4; 2], client: SocketAddrV4, what: &str) {
+    assert_eq!(peers[0], client, "{what}: the first flow keeps the client's tuple: {peers:?}");
+    assert_eq!(peers[1].ip(), client.ip(), "{what}: the backend must see the client's address: {peers:?}");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&peers[1].port()), "{what}: remapped port: {peers:?}");
+}
+
+impl NsLab {
+    /// Every conntrack entry has its partner and the partner points back: a remapped flow is still one pair
+    /// for the GC (which then keeps live flows and ages both entries together).
+    fn assert_ct_paired(&mut self) {
+        let entries: std::collections::HashMap<_, _> =
+            proxy_ebpf::ct::CtMap::open(&self.bpffs).unwrap().dump().unwrap().into_iter().collect();
+        assert!(!entries.is_empty());
+        for (k, v) in &entries {
+            let pk = v.partner(k);
+            let p = entries.get(&pk).unwrap_or_else(|| panic!("no partner of {k:?} → {v:?}: {entries:#?}"));
+            assert_eq!(p.partner(&pk), *k, "partner of {k:?} points elsewhere");
+        }
+        let keep = self.backend().run_ct_gc(Duration::ZERO).unwrap();
+        assert_eq!((keep.scanned, keep.deleted), (entries.len() as u64, 0), "{keep:?}");
+    }
+
+    /// Two Services (ClusterIPs `cips`, TCP and UDP port 80) sharing the one endpoint `backend`, plus two UDP
+    /// Services (ClusterIPs `icmp_cips`) sharing `backend`'s port 8181, where nothing listens; `tweak` applies
+    /// to the four Services in that order.
+    fn shared_backend_services(
+        &mut self,
+        tag: &str,
+        cips: [&str; 2],
+        icmp_cips: [&str; 2],
+        backend: Endpoint,
+        tweak: [Tweak; 4],
+    ) {
+        for (i, (cip, icmp_cip)) in cips.iter().zip(icmp_cips).enumerate() {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                self.apply_at(cip, &name(&format!("{tag}{i}"), proto), vec![backend.clone()], tweak[i]);
+            }
+            let dead = Endpoint { port: 8181, ..backend.clone() };
+            self.apply_at(icmp_cip, &name(&format!("{tag}icmp{i}"), Protocol::Udp), vec![dead], tweak[2 + i]);
+        }
+    }
+}
+
+type Tweak = fn(&mut ServicePortInfo);
+
+fn v4(addr: &str, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr.parse().unwrap(), port)
+}
+
+#[test]
+fn host_only_pod_one_port_to_two_cluster_ips_of_one_backend() {
+    let Some(mut lab) = NsLab::with_scope("host_only_pod_one_port_to_two_cluster_ips", SocketLbScope::HostOnly) else {
+        return;
+    };
+    lab.wait_pod_devices(&["vpod", "vpod2"]);
+    let pod2 = lab.pod2.clone();
+    let none: Tweak = |_| {};
+    // A local backend (replies translated on its pod device) and a remote one (on the node device).
+    for (tag, backend, cips, icmp, port) in [
+        ("loc", ep(POD_IP, true), ["198.19.1.21", "198.19.1.22"], ["198.19.1.23", "198.19.1.24"], 23001),
+        ("rem", ep(REMOTE_IP, false), ["198.19.1.31", "198.19.1.32"], ["198.19.1.33", "198.19.1.34"], 23002),
+    ] {
+        lab.shared_backend_services(tag, cips, icmp, backend, [none; 4]);
+        let client = v4(POD2_IP, port);
+        let peers = one_port_two_frontends(&pod2, client, [v4(cips[0], 80), v4(cips[1], 80)])
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        assert_first_kept_second_remapped(&peers.udp, client, &format!("{tag} UDP"));
+        assert_first_kept_second_remapped(&peers.tcp, client, &format!("{tag} TCP"));
+        one_port_two_refusals(&pod2, v4(POD2_IP, port + 100), [v4(icmp[0], 80), v4(icmp[1], 80)])
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+    }
+    let ev = lab.dp_events();
+    // UDP, TCP and the refused UDP flow, for each backend.
+    assert_eq!(ev.get("port_remapped"), Some(&6), "{ev:?}");
+    assert_eq!(ev.get("port_remap_exhausted"), Some(&0), "{ev:?}");
+    assert!(ev.get("xlate_icmp_error").is_some_and(|n| *n >= 6), "{ev:?}");
+    lab.assert_ct_paired();
+}
+
+#[test]
+fn node_port_one_client_port_to_two_node_ports_of_one_local_backend() {
+    let Some(mut lab) = NsLab::new("node_port_one_client_port_to_two_node_ports") else { return };
+    // One Service with externalTrafficPolicy Local, one under Cluster whose only endpoint is local: neither
+    // is source-NATed, so the pod sees the client and both flows want the same reply tuple.
+    let tweaks: [Tweak; 4] = [
+        |i| {
+            i.node_port = NODE_PORT;
+            i.external_policy_local = true;
+        },
+        |i| i.node_port = NODE_PORT + 1,
+        |i| {
+            i.node_port = NODE_PORT + 2;
+            i.external_policy_local = true;
+        },
+        |i| i.node_port = NODE_PORT + 3,
+    ];
+    let (cips, icmp) = (["198.19.1.41", "198.19.1.42"], ["198.19.1.43", "198.19.1.44"]);
+    lab.shared_backend_services("np", cips, icmp, ep(POD_IP, true), tweaks);
+    let ext = lab.ext.clone();
+    let client = v4(CLIENT_IP, 23003);
+    let fe = [v4(NODE_IP, NODE_PORT), v4(NODE_IP, NODE_PORT + 1)];
+    let peers = one_port_two_frontends(&ext, client, fe).unwrap_or_else(|e| panic!("{e}"));
+    assert_first_kept_second_remapped(&peers.udp, client, "UDP");
+    assert_first_kept_second_remapped(&peers.tcp, client, "TCP");
+    one_port_two_refusals(&ext, v4(CLIENT_IP, 23004), [v4(NODE_IP, NODE_PORT + 2), v4(NODE_IP, NODE_PORT + 3)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ev = lab.dp_events();
+    assert_eq!(ev.get("port_remapped"), Some(&3), "{ev:?}");
+    assert_eq!(ev.get("port_remap_exhausted"), Some(&0), "{ev:?}");
+    lab.assert_ct_paired();
 }

@@ -317,3 +317,51 @@ fn ebpf_host_only_no_endpoints_refused_at_once() {
     let on_wire = packets_to(lab, &client);
     assert!(on_wire >= 8, "refused per packet, so the SYNs must carry the ClusterIP: {on_wire} counted");
 }
+
+/// Host-only: a pod talks from ONE source port to the ClusterIPs of two Services that share one backend, both
+/// flows alive at once (TCP: two sockets bound to the port; UDP: one socket `sendto`ing both), over IPv4 to a
+/// backend on its node and over IPv6 to one on the other node. Every reply comes from the ClusterIP it was
+/// sent to and the backend sees the pod's address: the first flow with the pod's port, the second with a
+/// remapped one (the reply tuples would clash otherwise; netfilter's NAT does the same).
+#[test]
+fn ebpf_host_only_one_port_to_two_cluster_ips_of_one_backend() {
+    let Some(mut s) = Scenario::up("host_only_one_port_two_cluster_ips", config("host-only")) else { return };
+    let lab = s.lab();
+    let client = Place::from("pod-0-0");
+    // Below the ephemeral range: no other socket of the pod takes it.
+    let port = 23001u16;
+    for (family, backend, tag) in [(Family::V4, "pod-0-1", "v4"), (Family::V6, "pod-1-0", "v6")] {
+        let names = [format!("share-a-{tag}"), format!("share-b-{tag}")];
+        for n in &names {
+            tcp_udp_service(lab, n, family, &[backend], json!({}));
+        }
+        let pod_ip = lab.pod("pod-0-0").unwrap().ip(family).to_string();
+        for (proto, port_name, mode) in [(Proto::Tcp, "tcp", "tcp"), (Proto::Udp, "udp", "udp")] {
+            let vips =
+                [lab.service_addr(&names[0], port_name).unwrap(), lab.service_addr(&names[1], port_name).unwrap()];
+            for vip in vips {
+                lab.wait_programmed(client.clone(), proto, vip, &[backend], T).unwrap();
+            }
+            let args: Vec<String> = ["shared-port", mode, &vips[0].to_string(), &vips[1].to_string()]
+                .into_iter()
+                .map(String::from)
+                .chain(["--source-port", &port.to_string(), "--rounds", "2", "--timeout-ms", "2000"].map(String::from))
+                .collect();
+            let out = lab.client(client.clone(), &args, T).unwrap();
+            let probes = e2e::lab::parse_probes(&out);
+            let what = format!("{tag} {mode} from {pod_ip} port {port}");
+            assert_eq!(probes.len(), 4, "{what}: {out}");
+            let mut seen: [Vec<std::net::SocketAddr>; 2] = Default::default();
+            for p in &probes {
+                assert!(p.ok && p.pod() == Some(backend), "{what}: {p:#?}");
+                let i = vips.iter().position(|v| p.target.as_deref() == Some(&v.to_string())).expect("target");
+                assert_eq!(p.peer.as_deref(), Some(&vips[i].to_string()[..]), "{what}: reply from another VIP: {p:#?}");
+                let c: std::net::SocketAddr = p.seen_client().and_then(|c| c.parse().ok()).expect("seen client");
+                assert_eq!(c.ip().to_string(), pod_ip, "{what}: the backend must see the pod: {p:#?}");
+                seen[i].push(c);
+            }
+            assert!(seen[0].iter().all(|c| c.port() == port), "{what}: first flow keeps the pod's port: {seen:?}");
+            assert!(seen[1].iter().all(|c| c.port() != port && *c == seen[1][0]), "{what}: remapped once: {seen:?}");
+        }
+    }
+}

@@ -8,11 +8,15 @@
 //! - `tcp-hold TARGET --duration-ms D [--interval-ms 100]`: one connection, a line every interval; prints
 //!   `{"kind":"connected"...}`, a `{"kind":"failure"...}` line when the connection breaks, and a summary.
 //! - `churn-client TARGET... --duration-ms D`: sequential short connections for D; prints a summary.
+//! - `shared-port tcp|udp TARGET... --source-port P [--rounds N]`: every target from the ONE local port P,
+//!   all flows alive at once (UDP: one unconnected socket; TCP: a socket per target, all bound to P with
+//!   `SO_REUSEADDR|SO_REUSEPORT`), one request/reply per target per round; a probe line per exchange, `peer`
+//!   being where the reply came from (UDP) or the connected address (TCP).
 //!
 //! Every attempt is bounded by `--timeout-ms`, every loop by a count and `--deadline-ms`/`--duration-ms`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -84,6 +88,27 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// One local port to several targets at once.
+    SharedPort {
+        #[arg(value_enum)]
+        proto: SharedProto,
+        #[arg(required = true)]
+        targets: Vec<SocketAddr>,
+        /// The local port every flow uses.
+        #[arg(long)]
+        source_port: u16,
+        /// Request/reply rounds over all targets.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum SharedProto {
+    Tcp,
+    Udp,
 }
 
 /// Attempts in one run, whatever the flags say.
@@ -281,6 +306,167 @@ fn churn(targets: &[SocketAddr], duration: Duration, c: &Common) {
     );
 }
 
+/// A socket of type `ty` for `family`'s addresses with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to the
+/// unspecified address and `port`, with `timeout` on sends (which bounds a blocking `connect()`) and receives.
+fn reuse_bound(v6: bool, ty: i32, port: u16, timeout: Duration) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let last = std::io::Error::last_os_error;
+    // SAFETY: plain syscalls on a socket this function owns; every struct is fully initialised.
+    unsafe {
+        let fd = libc::socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(last());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
+        let set = |opt: i32, val: *const libc::c_void, len: usize| {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
+        };
+        let int = (&one as *const libc::c_int).cast();
+        let time = (&tv as *const libc::timeval).cast();
+        let tv_len = std::mem::size_of::<libc::timeval>();
+        if !set(libc::SO_REUSEADDR, int, 4)
+            || !set(libc::SO_REUSEPORT, int, 4)
+            || !set(libc::SO_SNDTIMEO, time, tv_len)
+            || !set(libc::SO_RCVTIMEO, time, tv_len)
+        {
+            return Err(last());
+        }
+        let local = if v6 {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
+        } else {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+        };
+        let (sa, len) = sockaddr(local);
+        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+            return Err(last());
+        }
+        Ok(fd)
+    }
+}
+
+/// `a` as a `sockaddr_storage` and its length.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage; the family-specific views fit inside it.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// `shared-port`: see the module documentation.
+fn shared_port(proto: SharedProto, targets: &[SocketAddr], port: u16, rounds: usize, c: &Common) {
+    use std::os::fd::AsRawFd;
+    let mut out = std::io::stdout().lock();
+    let timeout = Duration::from_millis(c.timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(c.deadline_ms);
+    let v6 = targets[0].is_ipv6();
+    let rounds = rounds.min(MAX_ATTEMPTS / targets.len().max(1));
+    match proto {
+        SharedProto::Udp => {
+            let start = Instant::now();
+            let s = match reuse_bound(v6, libc::SOCK_DGRAM, port, timeout) {
+                Ok(fd) => UdpSocket::from(fd),
+                Err(e) => return emit(&mut out, &failure(targets[0], "bind", &e, start, None)),
+            };
+            for _ in 0..rounds {
+                for &t in targets {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    let start = Instant::now();
+                    if let Err(e) = s.send_to(b"hello\n", t) {
+                        emit(&mut out, &failure(t, "sendto", &e, start, None));
+                        continue;
+                    }
+                    let mut buf = [0u8; 2048];
+                    let v = match s.recv_from(&mut buf) {
+                        Ok((n, from)) => json!({"ok": true, "target": t.to_string(),
+                            "reply": String::from_utf8_lossy(&buf[..n]).trim_end(), "total_us": us(start),
+                            "peer": from.to_string(), "local": s.local_addr().map(|a| a.to_string()).ok()}),
+                        Err(e) => failure(t, "recvfrom", &e, start, None),
+                    };
+                    emit(&mut out, &v);
+                }
+            }
+        }
+        SharedProto::Tcp => {
+            let mut conns = Vec::new();
+            for &t in targets {
+                let start = Instant::now();
+                let fd = match reuse_bound(v6, libc::SOCK_STREAM, port, timeout) {
+                    Ok(fd) => fd,
+                    Err(e) => return emit(&mut out, &failure(t, "bind", &e, start, None)),
+                };
+                let (sa, len) = sockaddr(t);
+                // SAFETY: valid socket and address.
+                if unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
+                    emit(&mut out, &failure(t, "connect", &std::io::Error::last_os_error(), start, None));
+                    continue;
+                }
+                let s = TcpStream::from(fd);
+                let _ = s.set_nodelay(true);
+                conns.push((t, s));
+            }
+            for _ in 0..rounds {
+                for (t, s) in &conns {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    let start = Instant::now();
+                    if let Err(e) = (&*s).write_all(b"hello\n") {
+                        emit(&mut out, &failure(*t, "write", &e, start, None));
+                        continue;
+                    }
+                    // Byte by byte up to the newline: a buffered reader could hold the next round's reply.
+                    let mut line = Vec::new();
+                    let mut byte = [0u8; 1];
+                    let res = loop {
+                        match (&*s).read(&mut byte) {
+                            Ok(0) => break Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                            Ok(_) if byte[0] == b'\n' || line.len() >= 2048 => break Ok(()),
+                            Ok(_) => line.push(byte[0]),
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    let v = match res {
+                        Ok(()) => json!({"ok": true, "target": t.to_string(),
+                            "reply": String::from_utf8_lossy(&line), "total_us": us(start),
+                            "peer": s.peer_addr().map(|a| a.to_string()).ok(),
+                            "local": s.local_addr().map(|a| a.to_string()).ok()}),
+                        Err(e) => failure(*t, "read", &e, start, None),
+                    };
+                    emit(&mut out, &v);
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
@@ -292,6 +478,9 @@ fn main() {
         }
         Cmd::ChurnClient { targets, duration_ms, common } => {
             churn(&targets, Duration::from_millis(duration_ms.min(common.deadline_ms)), &common)
+        }
+        Cmd::SharedPort { proto, targets, source_port, rounds, common } => {
+            shared_port(proto, &targets, source_port, rounds, &common)
         }
     }
 }
