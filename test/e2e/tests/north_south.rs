@@ -147,6 +147,9 @@ fn node_port_cluster_and_local(mode: &str, family: Family, name: &str) {
     }
 
     lab.apply_service("np", family, node_port_spec(np, json!({"externalTrafficPolicy": "Local"}))).unwrap();
+    // UDP flows of the Cluster phase stay translated (SNAT) as upstream keeps them: probes must not reuse
+    // their source ports.
+    lab.fresh_source_ports(Place::External).unwrap();
     lab.wait_programmed(Place::External, Proto::Tcp, other, &[], T).expect("Local: the other node stops answering");
     for proto in [Proto::Tcp, Proto::Udp] {
         let probes = lab.probe(Place::External, proto, &[hosting], 10).unwrap();

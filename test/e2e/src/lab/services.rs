@@ -235,6 +235,31 @@ impl Lab {
 }
 
 impl Lab {
+    /// Moves `place`'s ephemeral port range to a window of 8192 ports disjoint from the current one, so new
+    /// probes never reuse a source port of earlier flows. Both netfilter and our conntrack keep a UDP flow
+    /// translated as it was created when a Service's policy changes (as upstream: only endpoint removal
+    /// clears UDP flows), and a probe that happened to reuse an earlier probe's port would follow it.
+    pub fn fresh_source_ports(&self, place: impl Into<Place>) -> Result<()> {
+        const WINDOW: u32 = 8192;
+        const LOW: u32 = 10_000;
+        const SLOTS: u32 = 6; // 10000 … 59151
+        let place = place.into();
+        let out =
+            self.exec_in(place.clone(), "sysctl", &["-n", "net.ipv4.ip_local_port_range"], Duration::from_secs(10))?;
+        let current: u32 =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|s| s.parse().ok()).ok_or_else(
+                || anyhow!("reading the port range at {place:?}: {:?}", String::from_utf8_lossy(&out.stdout)),
+            )?;
+        let slot = if current >= LOW && (current - LOW) % WINDOW == 0 { (current - LOW) / WINDOW + 1 } else { 0 };
+        let lo = LOW + (slot % SLOTS) * WINDOW;
+        let range = format!("net.ipv4.ip_local_port_range={lo} {}", lo + WINDOW - 1);
+        let out = self.exec_in(place.clone(), "sysctl", &["-qw", &range], Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("setting {range} at {place:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// Netfilter modes: deletes the nodes' conntrack entries for `addr` that were never translated.
     ///
     /// A probe sent before the rules existed leaves an entry without DNAT (TCP `SYN_SENT` for 120 s, UDP
