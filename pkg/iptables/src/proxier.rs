@@ -297,7 +297,7 @@ impl IptablesBackend {
             (st.known_nat_chains.clone(), None)
         };
         let changed: HashSet<NamespacedName> =
-            changes.family(family).services.iter().map(|n| n.service.clone()).collect();
+            changes.family(family).services.iter().map(|n| n.service().clone()).collect();
         let fs = snapshot.family(family);
         let generated = rules::generate(
             &cfg,

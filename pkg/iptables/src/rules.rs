@@ -298,7 +298,7 @@ pub fn generate(cfg: &RuleConfig, input: &SyncInput<'_>) -> Generated {
     out.large_cluster = out.total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
 
     for (name, svc) in input.services {
-        let write_chains = input.changed.is_none_or(|c| c.contains(&name.service));
+        let write_chains = input.changed.is_none_or(|c| c.contains(name.service()));
         if write_chains {
             out.services_written += 1;
         }

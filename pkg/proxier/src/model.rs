@@ -100,52 +100,116 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NamespacedName {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
+/// A namespace and name, shared: a clone is a reference-count bump, and the Service's ports, slices and
+/// every map keyed by it share one allocation. Ordered and hashed by (namespace, name).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName(Arc<NameParts>);
+
+// Field order is the sort order: namespace, then name.
+#[derive(PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct NameParts {
+    namespace: Box<str>,
+    name: Box<str>,
 }
 
 impl NamespacedName {
     /// Builds a name from its parts.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        NamespacedName { namespace: namespace.into(), name: name.into() }
+    pub fn new(namespace: &str, name: &str) -> Self {
+        NamespacedName(Arc::new(NameParts { namespace: namespace.into(), name: name.into() }))
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+}
+
+impl fmt::Debug for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NamespacedName").field("namespace", &self.namespace()).field("name", &self.name()).finish()
     }
 }
 
 impl fmt::Display for NamespacedName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(f, "{}/{}", self.namespace(), self.name())
     }
 }
 
 /// Upstream's `ServicePortName`: one port of one Service, the unit every backend programs.
 ///
-/// `Display` is upstream's `String()`: `ns/name` plus `:port` when the port has a name; the protocol is
-/// not part of the string (iptables' chain-name hashes append it themselves).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// The names are shared like [`NamespacedName`]'s (a clone is a reference-count bump, a map key 16 bytes);
+/// ordered and hashed by (namespace, name, port, protocol). `Display` is upstream's `String()`: `ns/name`
+/// plus `:port` when the port has a name; the protocol is not part of the string (iptables' chain-name
+/// hashes append it themselves).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
-    /// The Service.
-    pub service: NamespacedName,
-    /// The port's name (`""` when unnamed).
-    pub port: String,
+    // Field order is the sort order: (namespace, name, port), then protocol.
+    names: Arc<PortNameParts>,
     /// The port's protocol.
     pub protocol: Protocol,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct PortNameParts {
+    service: NamespacedName,
+    port: Box<str>,
 }
 
 impl ServicePortName {
     /// Builds a name from its parts.
     pub fn new(namespace: &str, name: &str, port: &str, protocol: Protocol) -> Self {
-        ServicePortName { service: NamespacedName::new(namespace, name), port: port.to_string(), protocol }
+        Self::of_service(NamespacedName::new(namespace, name), port, protocol)
+    }
+
+    /// A port of `service`, sharing its storage.
+    pub fn of_service(service: NamespacedName, port: &str, protocol: Protocol) -> Self {
+        ServicePortName { names: Arc::new(PortNameParts { service, port: port.into() }), protocol }
+    }
+
+    /// The Service.
+    pub fn service(&self) -> &NamespacedName {
+        &self.names.service
+    }
+
+    /// The Service's namespace.
+    pub fn namespace(&self) -> &str {
+        self.names.service.namespace()
+    }
+
+    /// The Service's name.
+    pub fn name(&self) -> &str {
+        self.names.service.name()
+    }
+
+    /// The port's name (`""` when unnamed).
+    pub fn port(&self) -> &str {
+        &self.names.port
+    }
+}
+
+impl fmt::Debug for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServicePortName")
+            .field("service", self.service())
+            .field("port", &self.port())
+            .field("protocol", &self.protocol)
+            .finish()
     }
 }
 
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.port.is_empty() { write!(f, "{}", self.service) } else { write!(f, "{}:{}", self.service, self.port) }
+        if self.port().is_empty() {
+            write!(f, "{}", self.service())
+        } else {
+            write!(f, "{}:{}", self.service(), self.port())
+        }
     }
 }
 
@@ -424,5 +488,62 @@ impl Changes {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
         !self.full && self.v4.services.is_empty() && self.v6.services.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    // Names whose string order differs from their tuple order ("a-b" < "a/" but "a" < "a-b").
+    const PARTS: [(&str, &str, &str, Protocol); 8] = [
+        ("a-b", "x", "", Protocol::Tcp),
+        ("a", "x", "http", Protocol::Udp),
+        ("a", "x", "http", Protocol::Tcp),
+        ("a", "x", "", Protocol::Sctp),
+        ("a", "x-y", "", Protocol::Tcp),
+        ("a", "x", "dns", Protocol::Udp),
+        ("", "x", "", Protocol::Tcp),
+        ("b", "", "z", Protocol::Tcp),
+    ];
+
+    #[test]
+    fn names_order_and_hash_by_namespace_name_port_protocol() {
+        let mut by_tuple = PARTS.to_vec();
+        by_tuple.sort();
+        let mut names: Vec<ServicePortName> =
+            PARTS.iter().map(|(ns, n, p, proto)| ServicePortName::new(ns, n, p, *proto)).collect();
+        names.sort();
+        let sorted: Vec<_> = names.iter().map(|s| (s.namespace(), s.name(), s.port(), s.protocol)).collect();
+        assert_eq!(sorted, by_tuple);
+
+        // Separately built equal names are equal and hash alike; a different protocol is a different name.
+        let set: HashSet<ServicePortName> = names.iter().cloned().collect();
+        for (ns, n, p, proto) in PARTS {
+            assert!(set.contains(&ServicePortName::new(ns, n, p, proto)), "{ns}/{n}:{p}/{proto}");
+        }
+        assert!(!set.contains(&ServicePortName::new("a", "x", "dns", Protocol::Tcp)));
+        let nns: HashSet<NamespacedName> = PARTS.iter().map(|(ns, n, _, _)| NamespacedName::new(ns, n)).collect();
+        assert!(nns.contains(&NamespacedName::new("a", "x-y")));
+        assert!(NamespacedName::new("a", "x-y") < NamespacedName::new("a-b", "x"));
+    }
+
+    #[test]
+    fn names_display_like_upstream_and_share_storage() {
+        let spn = ServicePortName::new("ns", "web", "http", Protocol::Tcp);
+        assert_eq!(spn.to_string(), "ns/web:http");
+        assert_eq!(ServicePortName::new("ns", "web", "", Protocol::Udp).to_string(), "ns/web");
+        assert_eq!(spn.service().to_string(), "ns/web");
+        assert_eq!(
+            format!("{spn:?}"),
+            r#"ServicePortName { service: NamespacedName { namespace: "ns", name: "web" }, port: "http", protocol: Tcp }"#
+        );
+
+        let copy = spn.clone();
+        assert!(std::ptr::eq(copy.port(), spn.port()));
+        let other_port = ServicePortName::of_service(spn.service().clone(), "https", Protocol::Tcp);
+        assert!(std::ptr::eq(other_port.namespace(), spn.namespace()));
+        assert!(std::ptr::eq(other_port.name(), spn.name()));
     }
 }

@@ -116,10 +116,22 @@ fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
 
 /// Parses a Service into its per-family ports, or says why it cannot be used.
 pub fn parse_service(svc: &Service) -> Result<ParsedService, ParseError> {
+    parse_service_named(svc, None)
+}
+
+/// [`parse_service`] whose port names share `service` (the caller's key for this Service) when given.
+pub(crate) fn parse_service_named(
+    svc: &Service,
+    service: Option<&NamespacedName>,
+) -> Result<ParsedService, ParseError> {
     let object = object_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());
     let cx = Ctx { kind: "Service", object: &object };
     let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
         return Err(cx.err("metadata", "missing namespace or name"));
+    };
+    let service = match service {
+        Some(nn) if nn.namespace() == ns && nn.name() == name => nn.clone(),
+        _ => NamespacedName::new(ns, name),
     };
     let Some(spec) = svc.spec.as_ref() else {
         return Err(cx.err("spec", "missing"));
@@ -218,7 +230,8 @@ pub fn parse_service(svc: &Service) -> Result<ParsedService, ParseError> {
             None | Some(0) => 0,
             Some(np) => cx.port(format!("{field}.nodePort"), np)?,
         };
-        parsed_ports.push((name, port, protocol, node_port));
+        // One name per port, shared by both families.
+        parsed_ports.push((ServicePortName::of_service(service.clone(), &name, protocol), port, protocol, node_port));
     }
 
     for family in IpFamily::ALL {
@@ -233,7 +246,7 @@ pub fn parse_service(svc: &Service) -> Result<ParsedService, ParseError> {
             IpFamily::V4 => &mut out.v4,
             IpFamily::V6 => &mut out.v6,
         };
-        for (port_name, port, protocol, node_port) in &parsed_ports {
+        for (spn, port, protocol, node_port) in &parsed_ports {
             let info = ServicePortInfo {
                 cluster_ip: *cip,
                 port: *port,
@@ -247,7 +260,7 @@ pub fn parse_service(svc: &Service) -> Result<ParsedService, ParseError> {
                 internal_policy_local: itp_local,
                 health_check_node_port: hc_port,
             };
-            map.insert(ServicePortName::new(ns, name, port_name, *protocol), Arc::new(info));
+            map.insert(spn.clone(), Arc::new(info));
         }
     }
     Ok(out)
@@ -315,7 +328,7 @@ pub fn parse_endpoint_slice(slice: &EndpointSlice, node_name: &str) -> Result<Pa
 
     let trigger_time =
         slice.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)).and_then(|s| parse_rfc3339(s));
-    Ok(ParsedSlice { service: NamespacedName::new(ns, svc_name.as_str()), family, ports, endpoints, trigger_time })
+    Ok(ParsedSlice { service: NamespacedName::new(ns, svc_name), family, ports, endpoints, trigger_time })
 }
 
 /// Parses an RFC 3339 timestamp (`2026-01-02T03:04:05Z`, optional fraction and offset).

@@ -16,7 +16,7 @@ use crate::model::{
     Changes, Endpoint, HealthCheckService, IpFamily, NamespacedName, NodeInfo, Protocol, ServicePortInfo,
     ServicePortName, ServicePortState, Snapshot,
 };
-use crate::parse::{ParseError, ParsedService, ParsedSlice, parse_endpoint_slice, parse_service};
+use crate::parse::{ParseError, ParsedService, ParsedSlice, parse_endpoint_slice, parse_service_named};
 use crate::selection::{NodeTopology, categorize_shared};
 
 /// Zone label on Nodes.
@@ -75,6 +75,12 @@ impl State {
     fn ready(&self) -> bool {
         self.services_synced && self.slices_synced && self.node_synced
     }
+
+    /// The name already held for Service `nn`, so a slice's names share its storage.
+    fn known_service(&self, nn: &NamespacedName) -> Option<NamespacedName> {
+        let held = self.services.get_key_value(nn).map(|(k, _)| k);
+        held.or_else(|| self.slices_by_service.get_key_value(nn).map(|(k, _)| k)).cloned()
+    }
 }
 
 /// Folds watch events into pending changes; see the module docs.
@@ -113,7 +119,7 @@ fn idx(f: IpFamily) -> usize {
 }
 
 fn nn_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> NamespacedName {
-    NamespacedName::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+    NamespacedName::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
 }
 
 impl ChangeTracker {
@@ -160,7 +166,7 @@ impl ChangeTracker {
     /// A Service was added or updated.
     pub fn on_service(&self, svc: &Service) {
         let nn = nn_of(&svc.metadata);
-        let parsed = match parse_service(svc) {
+        let parsed = match parse_service_named(svc, Some(&nn)) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
                 let mut st = self.lock();
@@ -202,7 +208,7 @@ impl ChangeTracker {
     pub fn on_endpoint_slice(&self, slice: &EndpointSlice) {
         let key = nn_of(&slice.metadata);
         let parsed = match parse_endpoint_slice(slice, &self.node_name) {
-            Ok(p) => Some(Arc::new(p)),
+            Ok(p) => Some(p),
             Err(e) => {
                 let mut st = self.lock();
                 self.log_invalid(&mut st, "EndpointSlice", key.clone(), &e);
@@ -223,8 +229,14 @@ impl ChangeTracker {
         self.record_slice(key, None);
     }
 
-    fn record_slice(&self, key: NamespacedName, new: Option<Arc<ParsedSlice>>) {
+    fn record_slice(&self, key: NamespacedName, new: Option<ParsedSlice>) {
         let mut st = self.lock();
+        let new = new.map(|mut s| {
+            if let Some(nn) = st.known_service(&s.service) {
+                s.service = nn;
+            }
+            Arc::new(s)
+        });
         let committed = st.slices.get(&key).cloned();
         let families: Vec<IpFamily> = committed.iter().chain(new.iter()).map(|s| s.family).collect();
         if committed.as_deref() == new.as_deref() {
@@ -450,7 +462,7 @@ impl ChangeTracker {
                 }
             }
             for spn in std::mem::take(&mut changed[i]) {
-                let info = st.services.get(&spn.service).and_then(|s| s.family(f).get(&spn)).cloned();
+                let info = st.services.get(spn.service()).and_then(|s| s.family(f).get(&spn)).cloned();
                 let value = info.map(|info| {
                     let eps = st.endpoints[i].get(&spn).cloned().unwrap_or_default();
                     (info, eps)
@@ -482,13 +494,18 @@ fn families_touched(a: Option<&ParsedService>, b: Option<&ParsedService>) -> Vec
 /// wins) and each list is sorted by `ip:port`, as upstream does.
 fn merge_endpoints(st: &State, svc: &NamespacedName, f: IpFamily) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
     let mut by_port: BTreeMap<ServicePortName, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    let declared = st.services.get(svc).map(|s| s.family(f));
     for key in st.slices_by_service.get(svc).into_iter().flatten() {
         let Some(slice) = st.slices.get(key) else { continue };
         if slice.family != f {
             continue;
         }
         for p in &slice.ports {
-            let spn = ServicePortName { service: svc.clone(), port: p.name.clone(), protocol: p.protocol };
+            // The Service's own name for this port when it declares it, so both share one allocation.
+            let spn = declared
+                .and_then(|d| d.keys().find(|k| k.port() == p.name && k.protocol == p.protocol))
+                .cloned()
+                .unwrap_or_else(|| ServicePortName::of_service(svc.clone(), &p.name, p.protocol));
             let entry = by_port.entry(spn).or_default();
             for ep in &slice.endpoints {
                 let ep = Endpoint { port: p.port, ..ep.clone() };
@@ -577,11 +594,12 @@ pub fn apply_checkout(snapshot: &mut Snapshot, checkout: Checkout, topology: &No
 
 /// Recomputes the health-check entry of one Service from its ports in the snapshot.
 fn update_health_check(fam: &mut crate::model::FamilySnapshot, nn: &NamespacedName) {
-    let start = ServicePortName { service: nn.clone(), port: String::new(), protocol: Protocol::Tcp };
+    // The smallest name of this Service: unnamed port, first protocol.
+    let start = ServicePortName::of_service(nn.clone(), "", Protocol::Tcp);
     let mut port = 0u16;
     let mut local_ips: BTreeSet<IpAddr> = BTreeSet::new();
     for (spn, state) in fam.services.range(start..) {
-        if spn.service != *nn {
+        if spn.service() != nn {
             break;
         }
         if state.info.health_check_node_port != 0 {
@@ -593,5 +611,76 @@ fn update_health_check(fam: &mut crate::model::FamilySnapshot, nn: &NamespacedNa
         fam.health_checks.remove(nn);
     } else {
         fam.health_checks.insert(nn.clone(), HealthCheckService { port, local_endpoints: local_ips.len() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(name: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": "198.19.0.1", "clusterIPs": ["198.19.0.1", "2001:db8::1"],
+                     "ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(svc: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": format!("{svc}-1"), "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [ip]}]
+        }))
+        .unwrap()
+    }
+
+    fn sync(t: &ChangeTracker, snap: &mut Snapshot, full: bool) -> Changes {
+        let checkout = t.checkout(full);
+        let topology = t.topology(&checkout.node);
+        apply_checkout(snap, checkout, &topology, full)
+    }
+
+    #[test]
+    fn names_from_services_and_slices_share_storage() {
+        let t = ChangeTracker::new("node-a", false, Arc::new(NoopObserver));
+        let mut snap = Snapshot::default();
+        t.on_service(&service("web"));
+        sync(&t, &mut snap, true);
+        let (v4, v6): (Vec<_>, Vec<_>) = (snap.v4.services.keys().collect(), snap.v6.services.keys().collect());
+        assert_eq!(v4.len(), 2);
+        // Both families and all ports of a Service share one name.
+        for (a, b) in v4.iter().zip(&v6) {
+            assert_eq!(a, b);
+            assert!(std::ptr::eq(a.port(), b.port()), "{a} shares storage across families");
+        }
+        assert!(std::ptr::eq(v4[0].name(), v4[1].name()));
+
+        // A slice's port names are the Service's own, not copies.
+        t.on_endpoint_slice(&slice("web", "198.18.1.1"));
+        let changes = sync(&t, &mut snap, false);
+        assert_eq!(changes.v4.services.len(), 2);
+        for (changed, held) in changes.v4.services.iter().zip(snap.v4.services.keys()) {
+            assert_eq!(changed, held);
+            assert!(std::ptr::eq(changed.port(), held.port()), "{changed} from the slice shares the Service's name");
+            assert_eq!(snap.v4.services[held].endpoints.len(), 1);
+        }
+    }
+
+    #[test]
+    fn slices_before_their_service_still_match_it() {
+        let t = ChangeTracker::new("node-a", false, Arc::new(NoopObserver));
+        let mut snap = Snapshot::default();
+        t.on_endpoint_slice(&slice("web", "198.18.1.1"));
+        sync(&t, &mut snap, true);
+        assert!(snap.v4.services.is_empty());
+        t.on_service(&service("web"));
+        let changes = sync(&t, &mut snap, false);
+        let names: Vec<String> = changes.v4.services.iter().map(|s| format!("{s}/{}", s.protocol)).collect();
+        assert_eq!(names, ["ns/web:dns/UDP", "ns/web:http/TCP"]);
+        assert!(snap.v4.services.values().all(|s| s.endpoints.len() == 1));
     }
 }

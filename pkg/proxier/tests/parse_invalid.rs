@@ -165,7 +165,7 @@ fn a_malformed_service_is_logged_once_skipped_and_does_not_disturb_others() {
     let names: Vec<String> = snap.v4.services.keys().map(|k| k.to_string()).collect();
     assert_eq!(names, ["ns/good:http"]);
     assert_eq!(snap.v4.services.values().next().unwrap().selected.cluster.len(), 1);
-    assert!(changes.family(IpFamily::V4).services.iter().all(|s| s.service.name == "good"));
+    assert!(changes.family(IpFamily::V4).services.iter().all(|s| s.name() == "good"));
 
     // A good Service turning bad disappears (nothing half-programmed); fixing it brings it back.
     tracker.on_service(&service("ns", "good", "198.19.0.10", json!({"spec": {"clusterIP": "x", "clusterIPs": null}})));

@@ -73,7 +73,7 @@ fn only_changed_service_ports_are_reported() {
     // Deleting a Service reports all its ports and removes them from the snapshot.
     h.tracker.on_service_delete("ns", "b");
     assert_eq!(h.changed(), set(&["ns/b:http/TCP", "ns/b:dns/UDP"]));
-    assert!(h.snap.v4.services.keys().all(|k| k.service.name == "a"));
+    assert!(h.snap.v4.services.keys().all(|k| k.name() == "a"));
     assert!(h.changed().is_empty());
 }
 
@@ -128,7 +128,7 @@ fn slices_merge_per_port_name_and_duplicates_collapse_with_local_winning() {
     h.sync(true);
     // Sorted by the "ip:port" string, as upstream sorts.
     assert_eq!(h.reachable("ns/m:http"), ["198.18.1.10:8080", "198.18.1.2:8080"]);
-    let http = h.snap.v4.services.iter().find(|(k, _)| k.port == "http").unwrap().1;
+    let http = h.snap.v4.services.iter().find(|(k, _)| k.port() == "http").unwrap().1;
     assert!(http.endpoints.iter().find(|e| e.ip.to_string() == "198.18.1.10").unwrap().is_local);
     assert_eq!(h.reachable("ns/m:admin"), ["198.18.1.7:9090"]);
 
@@ -218,7 +218,7 @@ fn health_check_node_port_counts_distinct_local_ready_ips() {
     h.sync(true);
     let hc = h.snap.v4.health_checks.values().next().expect("health check entry");
     assert_eq!((hc.port, hc.local_endpoints), (32000, 1), "one local ready IP across both ports");
-    let http = h.snap.v4.services.iter().find(|(k, _)| k.port == "http").unwrap().1;
+    let http = h.snap.v4.services.iter().find(|(k, _)| k.port() == "http").unwrap().1;
     assert_eq!(http.selected.local.len(), 1);
     assert_eq!(http.selected.cluster.len(), 2);
 

@@ -293,8 +293,8 @@ fn service_response(nsn: &NamespacedName, count: usize, proxy_healthy: bool) -> 
     let status = if count != 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
-        crate::gofmt::go_quote(&nsn.namespace),
-        crate::gofmt::go_quote(&nsn.name),
+        crate::gofmt::go_quote(nsn.namespace()),
+        crate::gofmt::go_quote(nsn.name()),
         count,
         proxy_healthy
     );
