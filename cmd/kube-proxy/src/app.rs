@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use proxier::events::{EventRecorder, EventType};
 use proxier::healthcheck::{ProxyHealth, ServiceHealthServer};
 use proxier::metrics::Metrics;
 use proxier::observe::ProxyObserver;
@@ -111,6 +112,22 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    let client = kube_client(&run).await?;
+    let events = EventRecorder::start(client.clone(), &run.hostname, &tokio::runtime::Handle::current());
+    let result = run_with(run, mode, client, &events, fatal_tx, &mut fatal_rx).await;
+    // The event explaining an exit (a server that cannot bind) gets a moment to reach the API server.
+    events.flush(std::time::Duration::from_secs(2)).await;
+    result
+}
+
+async fn run_with(
+    run: ProxyRunConfig,
+    mode: &'static str,
+    client: kube::Client,
+    events: &EventRecorder,
+    fatal_tx: mpsc::UnboundedSender<anyhow::Error>,
+    fatal_rx: &mut mpsc::UnboundedReceiver<anyhow::Error>,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new(mode);
     let backends::BuiltBackend { backend, ebpf_metrics } = backends::build(&run, &metrics)?;
     let families = backend.families().to_vec();
@@ -127,19 +144,21 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
             proxy_mode: mode.to_string(),
             configz: Arc::new(run.configz_json().to_string()),
         };
-        let tx = fatal_tx.clone();
+        let (tx, ev) = (fatal_tx.clone(), events.clone());
         let hard_fail = run.config.bind_address_hard_fail;
         tokio::spawn(async move {
             if let Err(e) = metrics_server::serve(addr, state, hard_fail).await {
+                ev.node_event(EventType::Warning, "FailedToStartMetricServer", "StartKubeProxy", e.to_string());
                 let _ = tx.send(e.into());
             }
         });
     }
     if let Some(addr) = run.healthz_bind_address() {
-        let (h, m, tx) = (health.clone(), metrics.clone(), fatal_tx.clone());
+        let (h, m, tx, ev) = (health.clone(), metrics.clone(), fatal_tx.clone(), events.clone());
         let hard_fail = run.config.bind_address_hard_fail;
         tokio::spawn(async move {
             let Err(e) = proxier::healthcheck::serve_proxy_health(addr, h, m, hard_fail).await;
+            ev.node_event(EventType::Warning, "FailedToStartProxierHealthcheck", "StartKubeProxy", e.to_string());
             let _ = tx.send(e.into());
         });
     }
@@ -150,7 +169,9 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
         health.clone(),
         tokio::runtime::Handle::current(),
     );
-    let observer = Arc::new(ProxyObserver::new(metrics.clone(), health.clone(), Some(service_health), families));
+    let observer = Arc::new(
+        ProxyObserver::new(metrics.clone(), health.clone(), Some(service_health), families).with_events(events.clone()),
+    );
     let gate = run.feature_gates.get("PreferSameTrafficDistribution").copied().unwrap_or(true);
     let tracker = Arc::new(ChangeTracker::new(&run.hostname, gate, observer.clone()));
     let runner_cfg = RunnerConfig {
@@ -161,10 +182,11 @@ pub async fn run(run: ProxyRunConfig) -> anyhow::Result<()> {
     let runner =
         SyncRunner::new(tracker.clone(), backend, observer, runner_cfg).spawn().context("starting sync runner")?;
 
-    let client = kube_client(&run).await?;
     let node = run.hostname.clone();
     let watch_tracker = tracker.clone();
     let watchers = tokio::spawn(async move { proxier::watch::run_watchers(client, watch_tracker, &node).await });
+    // Upstream's "birth cry", once the watches run.
+    events.node_event(EventType::Normal, "Starting", "StartKubeProxy", "");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;

@@ -6,6 +6,7 @@
 //! which calls a [`backend::Backend`]. Backends never see Kubernetes objects.
 
 pub mod backend;
+pub mod events;
 pub mod gofmt;
 pub mod healthcheck;
 pub mod metrics;

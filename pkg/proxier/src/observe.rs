@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{BackendError, SyncReport};
-use crate::healthcheck::{ProxyHealth, ServiceHealthServer};
+use crate::events::{EventRecorder, EventType};
+use crate::healthcheck::{ListenFailure, ProxyHealth, ServiceHealthServer};
 use crate::metrics::{Metrics, ObjectKind, TrafficPolicy};
 use crate::model::{Changes, IpFamily, ServicePortName, ServicePortState, Snapshot};
 use crate::runner::SyncObserver;
@@ -17,6 +18,7 @@ pub struct ProxyObserver {
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
     service_health: Option<ServiceHealthServer>,
+    events: Option<EventRecorder>,
     families: Vec<IpFamily>,
     // Upstream counts a change pending for the families the proxier runs; remember what we announced.
     last_pending: Mutex<(usize, usize)>,
@@ -60,10 +62,19 @@ impl ProxyObserver {
             metrics,
             health,
             service_health,
+            events: None,
             families,
             last_pending: Mutex::new((0, 0)),
             no_local: Mutex::new(Default::default()),
         }
+    }
+}
+
+impl ProxyObserver {
+    /// Records health-check listen failures as Warning events on their Service, as upstream does.
+    pub fn with_events(mut self, events: EventRecorder) -> Self {
+        self.events = Some(events);
+        self
     }
 }
 
@@ -131,6 +142,17 @@ impl SyncObserver for ProxyObserver {
         if let Some(server) = &self.service_health {
             for failure in server.sync_snapshot(snapshot) {
                 tracing::warn!(service = %failure.service, port = failure.port, "{}", failure.message);
+                if let Some(ev) = &self.events {
+                    let svc = &failure.service;
+                    ev.service_event(
+                        svc.namespace(),
+                        svc.name(),
+                        EventType::Warning,
+                        ListenFailure::REASON,
+                        ListenFailure::ACTION,
+                        failure.message,
+                    );
+                }
             }
         }
     }

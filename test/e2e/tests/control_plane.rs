@@ -496,3 +496,84 @@ fn ipvs_mode_without_the_kernel_module_exits_naming_it() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("ip_vs"), "the error must name the missing module: {stderr}");
 }
+
+/// Events as upstream records them (events.k8s.io/v1, reporting controller `kube-proxy`): `Starting` on the
+/// Node; a Warning on the Service whose health-check node port cannot listen; under `--bind-address-hard-fail`
+/// a Warning on the Node for a metrics address that cannot be bound, posted before the process exits 1.
+#[test]
+fn events_are_recorded_like_upstream() {
+    use k8s_openapi::api::events::v1::Event;
+    let find = |api: &ApiServer, reason: &str| {
+        api.list::<Event>().unwrap().into_iter().find(|e| e.reason.as_deref() == Some(reason))
+    };
+    let s = Setup::new();
+    let api = ApiServer::start_background("127.0.0.1:0".parse().unwrap()).unwrap();
+    api.write_kubeconfig(s.kubeconfig()).unwrap();
+    api.apply(&node(NODE, "198.18.0.1")).unwrap();
+    // A health-check node port someone else holds (on loopback, which the proxy is told to use).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hc_port = taken.local_addr().unwrap().port();
+    api.apply(&service(
+        "default",
+        "lb",
+        "198.19.0.7",
+        json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": hc_port,
+                        "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
+    ))
+    .unwrap();
+    api.apply(&slice("default", "lb", "lb-1", &[("198.18.1.1", NODE)])).unwrap();
+    let mut flags = s.flags();
+    flags.push("--nodeport-addresses=127.0.0.0/8".into());
+    let mut proxy = s.start(flags);
+
+    let start =
+        wait_for(T, || find(&api, "Starting")).unwrap_or_else(|| panic!("no Starting event: {}", proxy.log_text()));
+    assert_eq!(start.type_.as_deref(), Some("Normal"));
+    assert_eq!(start.action.as_deref(), Some("StartKubeProxy"));
+    assert_eq!(start.reporting_controller.as_deref(), Some("kube-proxy"));
+    assert!(start.reporting_instance.as_deref().is_some_and(|i| i.starts_with("kube-proxy-")), "{start:?}");
+    let r = start.regarding.clone().unwrap();
+    assert_eq!((r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()), (Some("Node"), Some(NODE), Some(NODE)));
+    assert_eq!(start.metadata.namespace.as_deref(), Some("default"));
+
+    let hc = wait_for(T, || find(&api, "FailedToStartServiceHealthcheck"))
+        .unwrap_or_else(|| panic!("no health-check event: {}", proxy.log_text()));
+    assert_eq!(hc.type_.as_deref(), Some("Warning"));
+    assert_eq!(hc.action.as_deref(), Some("Listen"));
+    let r = hc.regarding.clone().unwrap();
+    assert_eq!(
+        (r.kind.as_deref(), r.namespace.as_deref(), r.name.as_deref()),
+        (Some("Service"), Some("default"), Some("lb"))
+    );
+    let note = hc.note.clone().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!("node {NODE} failed to start healthcheck \"default/lb\" on port {hc_port}")),
+        "{note}"
+    );
+    // Retried on later syncs, but posted once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = api
+        .list::<Event>()
+        .unwrap()
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedToStartServiceHealthcheck"))
+        .count();
+    assert_eq!(n, 1, "a repeated failure is not posted again");
+    assert!(proxy.try_exit().is_none(), "proxy exited: {}", proxy.log_text());
+    drop(proxy);
+
+    // --bind-address-hard-fail with the metrics address taken: Warning on the Node, then exit 1.
+    let s2 = Setup::new();
+    api.write_kubeconfig(s2.kubeconfig()).unwrap();
+    let held = std::net::TcpListener::bind(s2.metrics).unwrap();
+    let mut flags = s2.flags();
+    flags.push("--bind-address-hard-fail".into());
+    let mut proxy = s2.start(flags);
+    let status = proxy.wait_exit(T).unwrap_or_else(|| panic!("did not exit: {}", proxy.log_text()));
+    assert_eq!(status.code(), Some(1), "{}", proxy.log_text());
+    let ev = find(&api, "FailedToStartMetricServer").unwrap_or_else(|| panic!("no event: {}", proxy.log_text()));
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.regarding.and_then(|r| r.name).as_deref(), Some(NODE));
+    drop(held);
+    drop(taken);
+}

@@ -250,7 +250,8 @@ impl Lab {
             String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|s| s.parse().ok()).ok_or_else(
                 || anyhow!("reading the port range at {place:?}: {:?}", String::from_utf8_lossy(&out.stdout)),
             )?;
-        let slot = if current >= LOW && (current - LOW) % WINDOW == 0 { (current - LOW) / WINDOW + 1 } else { 0 };
+        let slot =
+            if current >= LOW && (current - LOW).is_multiple_of(WINDOW) { (current - LOW) / WINDOW + 1 } else { 0 };
         let lo = LOW + (slot % SLOTS) * WINDOW;
         let range = format!("net.ipv4.ip_local_port_range={lo} {}", lo + WINDOW - 1);
         let out = self.exec_in(place.clone(), "sysctl", &["-qw", &range], Duration::from_secs(10))?;
