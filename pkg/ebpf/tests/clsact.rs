@@ -554,6 +554,13 @@ impl Observer {
         let eg = OBS_EGRESS.iter().map(|(p, _)| format!("egress/{p}={}", self.count("egress", *p)));
         ing.chain(eg).collect::<Vec<_>>().join(" ")
     }
+
+    /// Translated packets end at our programs: none of the observers `(hook, pref)` may have counted any.
+    fn assert_nothing_passed_on(&self, observers: &[(&str, u16)]) {
+        for &(hook, pref) in observers {
+            assert_eq!(self.count(hook, pref), 0, "translated packets passed on ({hook}/{pref}): {}", self.all());
+        }
+    }
 }
 
 /// `n` TCP connects from `from` to a port nothing listens on: each must be refused (by the peer's stack).
@@ -622,9 +629,7 @@ fn untouched_packets_reach_later_filters(test: &str, mode: TcAttachMode) {
         assert_eq!(field(&l, "backend="), Some(POD_IP), "{l}");
         assert_eq!(peer_ip(&l), CLIENT_IP, "{l}");
     }
-    for (hook, pref) in [("ingress", 49003), ("egress", 49103)] {
-        assert_eq!(obs.count(hook, pref), 0, "translated packets passed on ({hook}/{pref}): {}", obs.all());
-    }
+    obs.assert_nothing_passed_on(&[("ingress", 49003), ("egress", 49103)]);
     // NodePort with a remote endpoint: SNATed forwards and un-SNATed replies are redirected. (The redirected
     // replies then leave through eth0's egress, which has nothing to do for them: not checked there.)
     lab.apply(&tcp, vec![ep(REMOTE_IP, false)], node_port);
@@ -633,9 +638,7 @@ fn untouched_packets_reach_later_filters(test: &str, mode: TcAttachMode) {
         assert_eq!(field(&l, "backend="), Some(REMOTE_IP), "{l}");
         assert_eq!(peer_ip(&l), NODE_IP, "{l}");
     }
-    for (hook, pref) in [("ingress", 49003), ("ingress", 49004)] {
-        assert_eq!(obs.count(hook, pref), 0, "translated packets passed on ({hook}/{pref}): {}", obs.all());
-    }
+    obs.assert_nothing_passed_on(&[("ingress", 49003), ("ingress", 49004)]);
 }
 
 #[test]

@@ -19,7 +19,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1051,60 +1051,25 @@ fn host_only_pods_refused_without_endpoints_per_packet() {
 // source port (as netfilter's nf_nat does), so both flows live at once.
 // ---------------------------------------------------------------------------------------------------------
 
-fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
-/// A socket of type `ty` (`SOCK_STREAM` / `SOCK_DGRAM`) with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to
-/// `local` in the calling thread's namespace, with [`IO_TIMEOUT`] on sends (which bounds a blocking
-/// `connect()` too) and receives.
-fn reuse_bound(ty: i32, local: SocketAddrV4) -> Result<OwnedFd, String> {
-    let err = |what: &str| format!("{what} {local}: {}", std::io::Error::last_os_error());
-    // SAFETY: plain syscalls on a socket this function owns; every struct is fully initialised.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(err("socket"));
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        let tv = libc::timeval { tv_sec: IO_TIMEOUT.as_secs() as _, tv_usec: IO_TIMEOUT.subsec_micros() as _ };
-        let set = |opt: i32, val: *const libc::c_void, len: usize| {
-            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
-        };
-        let int = (&one as *const libc::c_int).cast();
-        let time = (&tv as *const libc::timeval).cast();
-        if !set(libc::SO_REUSEADDR, int, 4)
-            || !set(libc::SO_REUSEPORT, int, 4)
-            || !set(libc::SO_SNDTIMEO, time, std::mem::size_of::<libc::timeval>())
-            || !set(libc::SO_RCVTIMEO, time, std::mem::size_of::<libc::timeval>())
-        {
-            return Err(err("setsockopt"));
-        }
-        let sa = sockaddr_in(local);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(err("bind"));
-        }
-        Ok(fd)
-    }
+/// A socket of type `ty` with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to `local` in the calling thread's
+/// namespace, with [`IO_TIMEOUT`] on sends (which bounds a blocking `connect()` too) and receives.
+fn reuse_bound(ty: socket2::Type, local: SocketAddrV4) -> Result<socket2::Socket, String> {
+    let err = |what: &str, e: std::io::Error| format!("{what} {local}: {e}");
+    let s = socket2::Socket::new(socket2::Domain::IPV4, ty, None).map_err(|e| err("socket", e))?;
+    s.set_reuse_address(true)
+        .and_then(|()| s.set_reuse_port(true))
+        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| s.set_read_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| err("setsockopt", e))?;
+    s.bind(&SocketAddr::V4(local).into()).map_err(|e| err("bind", e))?;
+    Ok(s)
 }
 
 /// Connects a [`reuse_bound`] TCP socket to `to` (bounded by its send timeout).
 fn tcp_connect_bound(local: SocketAddrV4, to: SocketAddrV4) -> Result<TcpStream, String> {
-    let fd = reuse_bound(libc::SOCK_STREAM, local)?;
-    let sa = sockaddr_in(to);
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: valid socket and address.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) } != 0 {
-        return Err(format!("connect {local} → {to}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(TcpStream::from(fd))
+    let s = reuse_bound(socket2::Type::STREAM, local)?;
+    s.connect(&SocketAddr::V4(to).into()).map_err(|e| format!("connect {local} → {to}: {e}"))?;
+    Ok(TcpStream::from(s))
 }
 
 /// The `peer=` of an echo server's answer: the client address and port the backend saw.
@@ -1127,7 +1092,7 @@ struct SharedPortPeers {
 ///   the two frontends and exchange lines alternately.
 fn one_port_two_frontends(ns: &str, client: SocketAddrV4, fe: [SocketAddrV4; 2]) -> Result<SharedPortPeers, String> {
     in_ns(ns, move || {
-        let udp = UdpSocket::from(reuse_bound(libc::SOCK_DGRAM, client)?);
+        let udp = UdpSocket::from(reuse_bound(socket2::Type::DGRAM, client)?);
         let mut udp_peers: [Option<SocketAddrV4>; 2] = [None; 2];
         for round in 0..2 {
             for (i, to) in fe.iter().enumerate() {
@@ -1180,7 +1145,7 @@ fn one_port_two_refusals(ns: &str, client: SocketAddrV4, fe: [SocketAddrV4; 2]) 
     in_ns(ns, move || {
         let mut socks = Vec::new();
         for to in fe {
-            let s = UdpSocket::from(reuse_bound(libc::SOCK_DGRAM, client)?);
+            let s = UdpSocket::from(reuse_bound(socket2::Type::DGRAM, client)?);
             s.connect(to).map_err(|e| format!("UDP connect {client} → {to}: {e}"))?;
             socks.push(s);
         }

@@ -306,81 +306,22 @@ fn churn(targets: &[SocketAddr], duration: Duration, c: &Common) {
     );
 }
 
-/// A socket of type `ty` for `family`'s addresses with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to the
-/// unspecified address and `port`, with `timeout` on sends (which bounds a blocking `connect()`) and receives.
-fn reuse_bound(v6: bool, ty: i32, port: u16, timeout: Duration) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let last = std::io::Error::last_os_error;
-    // SAFETY: plain syscalls on a socket this function owns; every struct is fully initialised.
-    unsafe {
-        let fd = libc::socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, ty | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(last());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-        let set = |opt: i32, val: *const libc::c_void, len: usize| {
-            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
-        };
-        let int = (&one as *const libc::c_int).cast();
-        let time = (&tv as *const libc::timeval).cast();
-        let tv_len = std::mem::size_of::<libc::timeval>();
-        if !set(libc::SO_REUSEADDR, int, 4)
-            || !set(libc::SO_REUSEPORT, int, 4)
-            || !set(libc::SO_SNDTIMEO, time, tv_len)
-            || !set(libc::SO_RCVTIMEO, time, tv_len)
-        {
-            return Err(last());
-        }
-        let local = if v6 {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
-        } else {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
-        };
-        let (sa, len) = sockaddr(local);
-        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-            return Err(last());
-        }
-        Ok(fd)
-    }
-}
-
-/// `a` as a `sockaddr_storage` and its length.
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage; the family-specific views fit inside it.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
+/// A socket of type `ty` for IPv6 (`v6`) or IPv4 addresses with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to
+/// the unspecified address and `port`, with `timeout` on sends (which bounds a blocking `connect()`) and
+/// receives.
+fn reuse_bound(v6: bool, ty: socket2::Type, port: u16, timeout: Duration) -> std::io::Result<socket2::Socket> {
+    let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let s = socket2::Socket::new(if v6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 }, ty, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.bind(&SocketAddr::new(any, port).into())?;
+    Ok(s)
 }
 
 /// `shared-port`: see the module documentation.
 fn shared_port(proto: SharedProto, targets: &[SocketAddr], port: u16, rounds: usize, c: &Common) {
-    use std::os::fd::AsRawFd;
     let mut out = std::io::stdout().lock();
     let timeout = Duration::from_millis(c.timeout_ms);
     let deadline = Instant::now() + Duration::from_millis(c.deadline_ms);
@@ -389,7 +330,7 @@ fn shared_port(proto: SharedProto, targets: &[SocketAddr], port: u16, rounds: us
     match proto {
         SharedProto::Udp => {
             let start = Instant::now();
-            let s = match reuse_bound(v6, libc::SOCK_DGRAM, port, timeout) {
+            let s = match reuse_bound(v6, socket2::Type::DGRAM, port, timeout) {
                 Ok(fd) => UdpSocket::from(fd),
                 Err(e) => return emit(&mut out, &failure(targets[0], "bind", &e, start, None)),
             };
@@ -418,17 +359,15 @@ fn shared_port(proto: SharedProto, targets: &[SocketAddr], port: u16, rounds: us
             let mut conns = Vec::new();
             for &t in targets {
                 let start = Instant::now();
-                let fd = match reuse_bound(v6, libc::SOCK_STREAM, port, timeout) {
-                    Ok(fd) => fd,
+                let sock = match reuse_bound(v6, socket2::Type::STREAM, port, timeout) {
+                    Ok(s) => s,
                     Err(e) => return emit(&mut out, &failure(t, "bind", &e, start, None)),
                 };
-                let (sa, len) = sockaddr(t);
-                // SAFETY: valid socket and address.
-                if unsafe { libc::connect(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
-                    emit(&mut out, &failure(t, "connect", &std::io::Error::last_os_error(), start, None));
+                if let Err(e) = sock.connect(&t.into()) {
+                    emit(&mut out, &failure(t, "connect", &e, start, None));
                     continue;
                 }
-                let s = TcpStream::from(fd);
+                let s = TcpStream::from(sock);
                 let _ = s.set_nodelay(true);
                 conns.push((t, s));
             }
